@@ -1,0 +1,228 @@
+"""Flax linen modules of A2U: the kernel generator and drop-in down/upsampling layers.
+
+Layout is NHWC throughout. See design.md §2.1 for the generator's definition; the
+reassembly itself lives in `a2u_jax.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from a2u_jax import ops
+
+Dtype = Any
+
+
+def adaptive_avg_pool_matrix(size: int, bins: int) -> np.ndarray:
+  """(bins, size) averaging matrix of PyTorch's adaptive average pooling along one axis.
+
+  Bin i covers floor(i*size/bins) .. ceil((i+1)*size/bins) - 1; bins overlap when
+  `size` is not a multiple of `bins`.
+  """
+  matrix = np.zeros((bins, size), np.float32)
+  for i in range(bins):
+    start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
+    matrix[i, start:stop] = 1.0 / (stop - start)
+  return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+  """(N, H, W, C) -> (N, bins, bins, C), PyTorch `AdaptiveAvgPool2d(bins)` semantics."""
+  rows = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], bins), x.dtype)
+  cols = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], bins), x.dtype)
+  return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x, precision=lax.Precision.HIGHEST)
+
+
+def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
+  """(N, h, w, C*f*f) -> (N, f*h, f*w, C) in PyTorch's channel order.
+
+  Input channel ``c*f*f + i*f + j`` goes to output channel c at (f*y + i, f*x + j).
+  """
+  n, h, w, cff = x.shape
+  c = cff // (factor * factor)
+  x = x.reshape(n, h, w, c, factor, factor)
+  return jnp.transpose(x, (0, 1, 4, 2, 5, 3)).reshape(n, h * factor, w * factor, c)
+
+
+def _per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
+                          padding: int) -> jax.Array:
+  """Depthwise conv with a different kernel bank per sample.
+
+  x (N, H, W, C); kernels (N, k, k, C, M) -> (N, H', W', C, M): output (c, m) is channel c
+  convolved (PyTorch cross-correlation) with kernels[n, :, :, c, m].
+  """
+  n, k, _, c, mult = kernels.shape
+
+  def one(xi, ki):
+    out = lax.conv_general_dilated(
+        xi[None], ki.reshape(k, k, 1, c * mult), (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+        precision=lax.Precision.HIGHEST)
+    return out[0]
+
+  out = jax.vmap(one)(x, kernels)
+  return out.reshape(out.shape[:3] + (c, mult))
+
+
+class A2UKernelGenerator(nn.Module):
+  """A2U's kernel generator: paired 2x downsampling and upsampling kernels from one map.
+
+  A low-rank bilinear ("affinity") model of the input: two dynamic k x k encoding kernel
+  banks U and V (from k x k adaptive average pooling + 1x1 conv) are depthwise-applied with
+  stride 2, group-normalised, multiplied and summed over channels; per-sample point-wise
+  mixing (from global average pooling) turns that second-order map into kernel logits.
+
+  Attributes:
+    up_kernel_size: s, size of the upsampling kernels (odd). Down kernels are 2s x 2s.
+    encode_kernel_size: k, size of the dynamic encoding kernels.
+    rank: d, rank of the bilinear model.
+    groups: G, kernel groups (channels of the resampled map are split into G groups).
+    share: the encoding kernels are shared by all channels (True) or per channel.
+    norm_groups: GroupNorm groups of the encoded maps (32 in the paper; C must divide).
+    dtype: computation dtype (None: inferred from the input); parameters stay float32.
+
+  Call:
+    x: (N, H, W, C) float array, H and W even.
+
+  Returns:
+    (down_kernels, up_kernels):
+      down_kernels (N, H/2, W/2, G*(2s)**2), softmax-normalised per group over its taps;
+      up_kernels (N, H, W, G*s**2), softmax(sigmoid(.)) per group over its taps (sigmoid
+      only when s == 1). Channel layout: group-major, then tap row, then tap column, as
+      `a2u_jax.ops.reassemble_down` / `reassemble_up` consume it.
+  """
+
+  up_kernel_size: int = 3
+  encode_kernel_size: int = 6
+  rank: int = 1
+  groups: int = 1
+  share: bool = True
+  norm_groups: int = 32
+  dtype: Dtype | None = None
+
+  def _check(self, x: jax.Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(f"A2UKernelGenerator: `x` must be NHWC (rank 4), got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"A2UKernelGenerator: `x` must be floating, got {x.dtype}.")
+    if x.shape[1] % 2 or x.shape[2] % 2:
+      raise ValueError(f"A2UKernelGenerator: `x` height and width must be even, got "
+                       f"{x.shape[1]} x {x.shape[2]}.")
+    if x.shape[3] % self.norm_groups:
+      raise ValueError(f"A2UKernelGenerator: the channel count of `x` ({x.shape[3]}) must be "
+                       f"divisible by norm_groups={self.norm_groups}.")
+    if self.up_kernel_size < 1 or self.up_kernel_size % 2 != 1:
+      raise ValueError(f"A2UKernelGenerator: `up_kernel_size` must be odd and positive, got "
+                       f"{self.up_kernel_size}.")
+    for name in ("encode_kernel_size", "rank", "groups"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"A2UKernelGenerator: `{name}` must be >= 1, got "
+                         f"{getattr(self, name)}.")
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    self._check(x)
+    dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    x = x.astype(dtype)
+    n, h, w, c = x.shape
+    s, k, d, g = self.up_kernel_size, self.encode_kernel_size, self.rank, self.groups
+    taps_down = (2 * s)**2
+
+    # Dynamic encoding kernels: channel j*C + c (unshare) / j (share) is rank j's kernel.
+    pooled = adaptive_avg_pool(x, k)
+    banks = d if self.share else d * c
+    encoded = []
+    for name in ("u", "v"):
+      bank = nn.Dense(banks, dtype=dtype, name=f"encode_{name}")(pooled)   # (N, k, k, banks)
+      bank = bank.reshape(n, k, k, d, -1)                                  # (.., d, C or 1)
+      bank = jnp.broadcast_to(bank, (n, k, k, d, c)).transpose(0, 1, 2, 4, 3)
+      out = _per_sample_depthwise(x, bank, stride=2, padding=(k - 1) // 2)  # (N,h,w,C,d)
+      # Each rank slice is normalised on its own, as the paper's implementation does.
+      out = out.transpose(0, 4, 1, 2, 3).reshape(n * d, h // 2, w // 2, c)
+      out = nn.GroupNorm(num_groups=self.norm_groups, epsilon=1e-5, dtype=dtype,
+                         use_fast_variance=False, name=f"norm_{name}")(out)
+      encoded.append(nn.leaky_relu(out, 0.01).reshape(n, d, h // 2, w // 2, c))
+    affinity = jnp.einsum("njyxc,njyxc->nyxj", *encoded) / math.sqrt(c)     # (N,h/2,w/2,d)
+
+    # Per-sample point-wise mixing d -> taps: output channel o uses weights o*d .. o*d+d-1.
+    context = jnp.mean(x, axis=(1, 2))
+    mix_up = nn.Dense(taps_down * g * d, dtype=dtype, name="mix_up")(context)
+    mix_down = nn.Dense(taps_down * g * d, dtype=dtype, name="mix_down")(context)
+    up = jnp.einsum("nyxj,noj->nyxo", affinity, mix_up.reshape(n, -1, d))
+    down = jnp.einsum("nyxj,noj->nyxo", affinity, mix_down.reshape(n, -1, d))
+
+    up = pixel_shuffle(up, 2).reshape(n, h, w, g, s * s)
+    up = jax.nn.sigmoid(up)
+    if s > 1:
+      up = jax.nn.softmax(up, axis=-1)
+    down = jax.nn.softmax(down.reshape(n, h // 2, w // 2, g, taps_down), axis=-1)
+    return (down.reshape(n, h // 2, w // 2, g * taps_down),
+            up.reshape(n, h, w, g * s * s))
+
+
+class A2UDownsample(nn.Module):
+  """2x downsampling with A2U kernels; also returns the paired upsampling kernels.
+
+  Attributes: as `A2UKernelGenerator`, plus `implementation` of the reassembly.
+
+  Call:
+    x: (N, H, W, C) float array, H and W even, C divisible by `norm_groups` and `groups`.
+
+  Returns:
+    (y, up_kernels): y (N, H/2, W/2, C) in x's dtype; up_kernels (N, H, W, groups*s**2),
+    to be handed to the `A2UUpsample` that brings a (N, H/2, W/2, C') map back to H x W.
+  """
+
+  up_kernel_size: int = 3
+  encode_kernel_size: int = 6
+  rank: int = 1
+  groups: int = 1
+  share: bool = True
+  norm_groups: int = 32
+  dtype: Dtype | None = None
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    down_kernels, up_kernels = A2UKernelGenerator(
+        up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
+        rank=self.rank, groups=self.groups, share=self.share, norm_groups=self.norm_groups,
+        dtype=self.dtype, name="generator")(x)
+    y = ops.reassemble_down(x, down_kernels.astype(x.dtype),
+                            kernel_size=2 * self.up_kernel_size, groups=self.groups,
+                            implementation=self.implementation)
+    return y, up_kernels
+
+
+class A2UUpsample(nn.Module):
+  """2x upsampling with the kernels an `A2UDownsample` produced (no parameters).
+
+  Attributes:
+    up_kernel_size: s, as given to the paired `A2UDownsample`.
+    groups: kernel groups, as given to the paired `A2UDownsample`.
+    implementation: reassembly implementation (None: the default).
+
+  Call:
+    x: (N, h, w, C) float array, C divisible by `groups`.
+    up_kernels: (N, 2h, 2w, groups*s**2) from the paired `A2UDownsample`.
+
+  Returns:
+    (N, 2h, 2w, C) array in x's dtype.
+  """
+
+  up_kernel_size: int = 3
+  groups: int = 1
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, up_kernels: jax.Array) -> jax.Array:
+    return ops.reassemble_up(x, up_kernels.astype(x.dtype), kernel_size=self.up_kernel_size,
+                             groups=self.groups, implementation=self.implementation)

@@ -1,0 +1,390 @@
+"""Reassembly ("gather") primitives of A2U: functional, NHWC, jit/vmap/pmap-safe.
+
+Both ops compute, for every output pixel, a weighted sum of a K x K neighbourhood of the
+input with a per-pixel kernel (design.md §2.2):
+
+* ``reassemble_up``  (odd K, 2x upsampling)::
+
+    out[n, Y, X, c] = sum_{ky, kx} f[n, Y//2 + ky - (K-1)//2, X//2 + kx - (K-1)//2, c]
+                                   * m[n, Y, X, g(c)*K*K + ky*K + kx]
+
+* ``reassemble_down`` (even K, 2x downsampling)::
+
+    out[n, y, x, c] = sum_{ky, kx} f[n, 2y + ky - (K-2)//2, 2x + kx - (K-2)//2, c]
+                                   * m[n, y, x, g(c)*K*K + ky*K + kx]
+
+Out-of-range taps contribute zero; ``g(c) = c // (C / groups)``; kernels are used as given
+(they need not sum to one).
+
+Two implementations compute the same thing:
+
+* ``"slices"``: one shifted (strided, for down) slice of the zero-padded input per tap,
+  multiplied by the kernel channel and summed. XLA fuses the K*K terms into a single loop,
+  so nothing K*K times larger than the output exists. Fastest on CPU (see
+  ``benchmarks/reassembly.py``) and the default everywhere.
+* ``"gather"``: the same sum with every tap read by ``jax.lax.gather`` at precomputed
+  source coordinates.
+
+Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps only the two
+inputs as residuals and obtains both cotangents by transposing the op in one argument with
+the other held fixed (``jax.linear_transpose``): the transposes are themselves sums of K*K
+shifted, reassembly-shaped terms, so the backward pass needs no K*K-times-larger patch
+tensor either (plain autodiff would keep every tap as a residual).
+
+Inputs may be float16, bfloat16, float32 or float64; low-precision inputs are accumulated
+in float32 and the result is cast back to the inputs' common dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Implementation = Literal["slices", "gather"]
+IMPLEMENTATIONS: tuple[str, ...] = ("slices", "gather")
+DEFAULT_IMPLEMENTATION: str = "slices"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_floating(name: str, x: jax.Array) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"`{name}` must have a floating dtype (float16, bfloat16, float32 or "
+                     f"float64), got {x.dtype}.")
+
+
+def _check_common(op: str, features: jax.Array, kernels: jax.Array, kernel_size: int,
+                  groups: int, implementation: str) -> None:
+  for name, x in (("features", features), ("kernels", kernels)):
+    if x.ndim != 4:
+      raise ValueError(f"{op}: `{name}` must be a rank-4 NHWC array, got shape {x.shape}.")
+    _check_floating(f"{op}: {name}", x)
+  if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1:
+    raise ValueError(f"{op}: `kernel_size` must be a positive int, got {kernel_size!r}.")
+  if not isinstance(groups, (int, np.integer)) or groups < 1:
+    raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}.")
+  if features.shape[-1] % groups:
+    raise ValueError(f"{op}: the channel count of `features` ({features.shape[-1]}) must be "
+                     f"divisible by `groups` ({groups}).")
+  expected = kernel_size * kernel_size * groups
+  if kernels.shape[-1] != expected:
+    raise ValueError(f"{op}: `kernels` must have kernel_size**2 * groups = "
+                     f"{kernel_size}**2 * {groups} = {expected} channels, got "
+                     f"{kernels.shape[-1]} (shape {kernels.shape}).")
+  if kernels.shape[0] != features.shape[0]:
+    raise ValueError(f"{op}: `kernels` batch size {kernels.shape[0]} != `features` batch "
+                     f"size {features.shape[0]}.")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{op}: `implementation` must be one of {IMPLEMENTATIONS} or None, "
+                     f"got {implementation!r}.")
+
+
+def _compute_dtype(features: jax.Array, kernels: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(jnp.result_type(features, kernels), jnp.float32)
+
+
+# ---------------------------------------------------------------------- window readers
+#
+# All formulas below are written against one primitive, ``read(x, start, step, size,
+# axis)``: the (size[0], size[1]) window of x's axes (axis, axis + 1) that begins at
+# `start` and advances by `step` pixels. The two implementations differ only in how that
+# window is read.
+
+Reader = Callable[..., jax.Array]
+
+
+def _read_slice(x: jax.Array, start: tuple[int, int], step: int, size: tuple[int, int],
+                axis: int = 1) -> jax.Array:
+  starts, limits, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
+  for i in range(2):
+    starts[axis + i] = start[i]
+    limits[axis + i] = start[i] + step * (size[i] - 1) + 1
+    strides[axis + i] = step
+  return lax.slice(x, starts, limits, strides)
+
+
+def _read_gather(x: jax.Array, start: tuple[int, int], step: int, size: tuple[int, int],
+                 axis: int = 1) -> jax.Array:
+  rows = start[0] + step * np.arange(size[0])
+  cols = start[1] + step * np.arange(size[1])
+  grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).astype(np.int32)
+  # The index grid's two dims land at (axis, axis + 1); every other dim is kept whole.
+  offset_dims = tuple(range(axis)) + tuple(range(axis + 2, x.ndim))
+  slice_sizes = tuple(1 if d in (axis, axis + 1) else x.shape[d] for d in range(x.ndim))
+  dnums = lax.GatherDimensionNumbers(offset_dims=offset_dims,
+                                     collapsed_slice_dims=(axis, axis + 1),
+                                     start_index_map=(axis, axis + 1))
+  return lax.gather(x, jnp.asarray(grid), dnums, slice_sizes=slice_sizes,
+                    indices_are_sorted=True, unique_indices=True,
+                    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+_READERS: dict[str, Reader] = {"slices": _read_slice, "gather": _read_gather}
+
+
+def _pad_hw(x: jax.Array, pad: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 3))
+
+
+def _sum(terms) -> jax.Array:
+  total = None
+  for term in terms:
+    total = term if total is None else total + term
+  return total
+
+
+def _taps(k: int):
+  return [(ky, kx, ky * k + kx) for ky in range(k) for kx in range(k)]
+
+
+# ------------------------------------------------------------------------- formulas
+#
+# Grouped views throughout: features/outputs/cotangents (N, ., ., G, C/G), kernels
+# (N, ., ., G, K*K) with tap t = ky*K + kx.  The output and the feature cotangent are
+# sums over taps of windows of zero-padded inputs, which XLA fuses into one loop each: no
+# intermediate is larger than the op's own inputs and outputs.
+#
+# The kernel cotangent contracts over channels. XLA:CPU materialises every window that
+# feeds a reduction or a dot (K*K windows: the patch tensor we must avoid), so it is
+# computed channel-major instead: a scan over channel chunks that adds, per chunk, the
+# products of cotangent planes with unit-stride windows of the feature planes into a
+# (taps x pixels) accumulator: elementwise work only, one kernel-cotangent of memory.
+
+
+def _channel_chunk(cg: int) -> int:
+  return max(d for d in range(1, 9) if cg % d == 0)
+
+
+def _scan_channels(terms, planes: tuple[jax.Array, ...], term_shape: tuple[int, ...],
+                   dtype) -> jax.Array:
+  """Sums terms(*one_channel_planes) (a list of T arrays) over the planes' leading axis.
+
+  Returns the T sums stacked on a new leading axis. Each of the T accumulators is its own
+  scan carry, so every update is one fused elementwise loop with no stacking copy.
+  """
+  chunk = _channel_chunk(planes[0].shape[0])
+  chunked = tuple(p.reshape((-1, chunk) + p.shape[1:]) for p in planes)
+  count = len(terms(*(p[0] for p in planes)))
+
+  def step(acc, xs):
+    per_channel = [terms(*(x[c] for x in xs)) for c in range(chunk)]
+    return tuple(a + _sum(t[i] for t in per_channel) for i, a in enumerate(acc)), None
+
+  init = tuple(jnp.zeros(term_shape, dtype) for _ in range(count))
+  acc, _ = lax.scan(step, init, chunked)
+  return jnp.stack(acc)
+
+
+def _up_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
+  """f (N, h, w, G, Cg), m (N, 2h, 2w, G, T) -> out (N, 2h, 2w, G, Cg)."""
+  n, h, w, g, cg = f.shape
+  fp = _pad_hw(f, (k - 1) // 2)
+  # Output row Y = 2y + i reads source row y + ky - r for both phases i: split Y into
+  # (y, i) so a tap is one coarse window broadcast over the 2 x 2 phases.
+  m7 = m.reshape(n, h, 2, w, 2, g, k * k)
+  out = _sum(read(fp, (ky, kx), 1, (h, w))[:, :, None, :, None] * m7[..., t, None]
+             for ky, kx, t in _taps(k))
+  return out.reshape(n, 2 * h, 2 * w, g, cg)
+
+
+def _up_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+  """d out / d m contracted with ct (N, 2h, 2w, G, Cg) -> (N, 2h, 2w, G, T)."""
+  n, h, w, g, cg = f.shape
+  f_planes = jnp.transpose(_pad_hw(f, (k - 1) // 2), (4, 0, 3, 1, 2))  # (Cg, N, G, hp, wp)
+  # (Cg, N, G, i, j, h, w): the cotangent split into its 2 x 2 output phases.
+  ct_planes = jnp.transpose(ct.reshape(n, h, 2, w, 2, g, cg), (6, 0, 5, 2, 4, 1, 3))
+
+  def terms(fc, ctc):  # fc (N, G, hp, wp), ctc (N, G, 2, 2, h, w)
+    return [ctc * read(fc, (ky, kx), 1, (h, w), axis=2)[:, :, None, None]
+            for ky, kx, _ in _taps(k)]
+
+  acc = _scan_channels(terms, (f_planes, ct_planes), (n, g, 2, 2, h, w), f.dtype)
+  # acc (T, N, G, i, j, h, w) -> (N, h, i, w, j, G, T)
+  return jnp.transpose(acc, (1, 5, 3, 6, 4, 2, 0)).reshape(n, 2 * h, 2 * w, g, k * k)
+
+
+def _up_feature_grad(read: Reader, m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+  """d out / d f contracted with ct (N, 2h, 2w, G, Cg) -> (N, h, w, G, Cg)."""
+  r = (k - 1) // 2
+  h, w = ct.shape[1] // 2, ct.shape[2] // 2
+  # Source pixel y' receives from output rows Y = 2(y' - ky + r) + i; on inputs padded
+  # by 2r rows that is row 2y' + 4r - 2ky + i: a stride-2 window.
+  ctp, mp = _pad_hw(ct, 2 * r), _pad_hw(m, 2 * r)
+  terms = []
+  for ky, kx, t in _taps(k):
+    for i in range(2):
+      for j in range(2):
+        start = (4 * r - 2 * ky + i, 4 * r - 2 * kx + j)
+        terms.append(read(ctp, start, 2, (h, w)) * read(mp, start, 2, (h, w))[..., t, None])
+  return _sum(terms)
+
+
+def _down_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
+  """f (N, H, W, G, Cg), m (N, H/2, W/2, G, T) -> out (N, H/2, W/2, G, Cg)."""
+  fp = _pad_hw(f, (k - 2) // 2)
+  size = m.shape[1:3]
+  return _sum(read(fp, (ky, kx), 2, size) * m[..., t, None] for ky, kx, t in _taps(k))
+
+
+def _down_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+  """ct (N, H/2, W/2, G, Cg) -> (N, H/2, W/2, G, T)."""
+  n, h, w, g, cg = ct.shape
+  fp = _pad_hw(f, (k - 2) // 2)
+  hp, wp = fp.shape[1] // 2, fp.shape[2] // 2
+  # (Cg, N, G, a, b, hp, wp): padded input row 2u + a is phase a, row u; tap ky reads
+  # phase ky % 2 from row y + ky // 2, a unit-stride window.
+  f_planes = jnp.transpose(fp.reshape(n, hp, 2, wp, 2, g, cg), (6, 0, 5, 2, 4, 1, 3))
+  ct_planes = jnp.transpose(ct, (4, 0, 3, 1, 2))                 # (Cg, N, G, h, w)
+
+  def terms(fc, ctc):
+    return [ctc * read(fc[:, :, ky % 2, kx % 2], (ky // 2, kx // 2), 1, (h, w), axis=2)
+            for ky, kx, _ in _taps(k)]
+
+  acc = _scan_channels(terms, (f_planes, ct_planes), (n, g, h, w), f.dtype)
+  return jnp.transpose(acc, (1, 3, 4, 2, 0))  # (T, N, G, h, w) -> (N, h, w, G, T)
+
+
+def _down_feature_grad(read: Reader, m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+  """ct (N, h, w, G, Cg) -> (N, 2h, 2w, G, Cg)."""
+  r = (k - 2) // 2
+  n, h, w, g, cg = ct.shape
+  ctp, mp = _pad_hw(ct, r), _pad_hw(m, r)
+  # Input row Y = 2u + a is read by tap ky from output row y = u + (a + r - ky) / 2 when
+  # that is an integer: each phase (a, b) of the input is a sum of unit-stride windows.
+  phases = []
+  for a in range(2):
+    row = []
+    for b in range(2):
+      row.append(_sum(
+          read(ctp, (r + (a + r - ky) // 2, r + (b + r - kx) // 2), 1, (h, w))
+          * read(mp, (r + (a + r - ky) // 2, r + (b + r - kx) // 2), 1, (h, w))[..., t, None]
+          for ky, kx, t in _taps(k) if (a + r - ky) % 2 == 0 and (b + r - kx) % 2 == 0))
+    phases.append(jnp.stack(row, axis=3))              # (N, h, w, 2, G, Cg)
+  return jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, g, cg)
+
+
+_FORMULAS = {
+    "up": (_up_forward, _up_kernel_grad, _up_feature_grad),
+    "down": (_down_forward, _down_kernel_grad, _down_feature_grad),
+}
+
+
+# ------------------------------------------------------------ op with the custom VJP
+
+
+def _grouped(x: jax.Array, groups: int, dtype) -> jax.Array:
+  return x.astype(dtype).reshape(x.shape[:3] + (groups, x.shape[3] // groups))
+
+
+def _ungrouped(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[:3] + (-1,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _reassemble(direction: str, implementation: str, kernel_size: int, groups: int,
+                features: jax.Array, kernels: jax.Array) -> jax.Array:
+  forward, _, _ = _FORMULAS[direction]
+  dtype = _compute_dtype(features, kernels)
+  out = forward(_READERS[implementation], _grouped(features, groups, dtype),
+                _grouped(kernels, groups, dtype), kernel_size)
+  return _ungrouped(out).astype(jnp.result_type(features, kernels))
+
+
+def _reassemble_fwd(direction, implementation, kernel_size, groups, features, kernels):
+  out = _reassemble(direction, implementation, kernel_size, groups, features, kernels)
+  return out, (features, kernels)
+
+
+def _reassemble_bwd(direction, implementation, kernel_size, groups, residuals, cotangent):
+  features, kernels = residuals
+  _, kernel_grad, feature_grad = _FORMULAS[direction]
+  read = _READERS[implementation]
+  dtype = _compute_dtype(features, kernels)
+  f, m = _grouped(features, groups, dtype), _grouped(kernels, groups, dtype)
+  ct = _grouped(cotangent, groups, dtype)
+  d_features = _ungrouped(feature_grad(read, m, ct, kernel_size)).astype(features.dtype)
+  d_kernels = _ungrouped(kernel_grad(read, f, ct, kernel_size)).astype(kernels.dtype)
+  return d_features, d_kernels
+
+
+_reassemble.defvjp(_reassemble_fwd, _reassemble_bwd)
+
+
+def _run(direction: str, features: jax.Array, kernels: jax.Array, kernel_size: int,
+         groups: int, implementation: str) -> jax.Array:
+  return _reassemble(direction, implementation, int(kernel_size), int(groups), features,
+                     kernels)
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def reassemble_up(features: jax.Array, kernels: jax.Array, *, kernel_size: int,
+                  groups: int = 1, implementation: Implementation | None = None) -> jax.Array:
+  """Upsamples `features` 2x by reassembling K x K neighbourhoods with per-pixel kernels.
+
+  Args:
+    features: (N, h, w, C) floating array.
+    kernels: (N, 2h, 2w, kernel_size**2 * groups) array of the same batch size; channel
+      ``g*K*K + ky*K + kx`` weights tap (ky, kx) for channel group g. Not assumed to be
+      normalised.
+    kernel_size: odd K >= 1; taps reach (K-1)//2 source pixels in every direction.
+    groups: number of channel groups G (C must be divisible by G); channel c uses kernel
+      group c // (C / G).
+    implementation: "slices" or "gather" (None: `DEFAULT_IMPLEMENTATION`).
+
+  Returns:
+    (N, 2h, 2w, C) array of dtype ``result_type(features, kernels)``.
+
+  Raises:
+    ValueError: at trace time, for any shape, dtype or argument mismatch.
+  """
+  implementation = implementation or DEFAULT_IMPLEMENTATION
+  _check_common("reassemble_up", features, kernels, kernel_size, groups, implementation)
+  if kernel_size % 2 != 1:
+    raise ValueError(f"reassemble_up: `kernel_size` must be odd, got {kernel_size}.")
+  n, h, w, _ = features.shape
+  if kernels.shape[1:3] != (2 * h, 2 * w):
+    raise ValueError(f"reassemble_up: `kernels` must be spatially 2x `features`: expected "
+                     f"(N, {2 * h}, {2 * w}, ...), got {kernels.shape}.")
+  return _run("up", features, kernels, kernel_size, groups, implementation)
+
+
+def reassemble_down(features: jax.Array, kernels: jax.Array, *, kernel_size: int,
+                    groups: int = 1, implementation: Implementation | None = None) -> jax.Array:
+  """Downsamples `features` 2x by reassembling K x K windows with per-pixel kernels.
+
+  Output pixel (y, x) covers input rows 2y - (K-2)//2 ... 2y + K//2 (same for columns).
+
+  Args:
+    features: (N, H, W, C) floating array, H and W even.
+    kernels: (N, H/2, W/2, kernel_size**2 * groups) array; channel ``g*K*K + ky*K + kx``
+      weights tap (ky, kx) for channel group g. Not assumed to be normalised.
+    kernel_size: even K >= 2.
+    groups: number of channel groups G (C must be divisible by G).
+    implementation: "slices" or "gather" (None: `DEFAULT_IMPLEMENTATION`).
+
+  Returns:
+    (N, H/2, W/2, C) array of dtype ``result_type(features, kernels)``.
+
+  Raises:
+    ValueError: at trace time, for any shape, dtype or argument mismatch.
+  """
+  implementation = implementation or DEFAULT_IMPLEMENTATION
+  _check_common("reassemble_down", features, kernels, kernel_size, groups, implementation)
+  if kernel_size % 2 != 0:
+    raise ValueError(f"reassemble_down: `kernel_size` must be even, got {kernel_size}.")
+  n, hh, ww, _ = features.shape
+  if hh % 2 or ww % 2:
+    raise ValueError(f"reassemble_down: `features` height and width must be even, got "
+                     f"{hh} x {ww}.")
+  if kernels.shape[1:3] != (hh // 2, ww // 2):
+    raise ValueError(f"reassemble_down: `kernels` must be spatially half of `features`: "
+                     f"expected (N, {hh // 2}, {ww // 2}, ...), got {kernels.shape}.")
+  return _run("down", features, kernels, kernel_size, groups, implementation)
