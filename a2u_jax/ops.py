@@ -20,16 +20,17 @@ Two implementations compute the same thing:
 
 * ``"slices"``: one shifted (strided, for down) slice of the zero-padded input per tap,
   multiplied by the kernel channel and summed. XLA fuses the K*K terms into a single loop,
-  so nothing K*K times larger than the output exists. Fastest on CPU (see
-  ``benchmarks/reassembly.py``) and the default everywhere.
-* ``"gather"``: the same sum with every tap read by ``jax.lax.gather`` at precomputed
-  source coordinates.
+  so nothing K*K times larger than the output exists. The default on every backend: it is
+  the fastest on CPU (``benchmarks/reassembly.py``), and slices are the cheapest window
+  reads XLA has on GPU/TPU as well (not yet measured there).
+* ``"gather"``: the same formulas with every window read by ``jax.lax.gather`` at
+  precomputed source coordinates.
 
-Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps only the two
-inputs as residuals and obtains both cotangents by transposing the op in one argument with
-the other held fixed (``jax.linear_transpose``): the transposes are themselves sums of K*K
-shifted, reassembly-shaped terms, so the backward pass needs no K*K-times-larger patch
-tensor either (plain autodiff would keep every tap as a residual).
+Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps only the
+two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a
+transposed reassembly (a fused sum of shifted windows of the cotangent times the kernels);
+the kernel cotangent contracts the cotangent with shifted feature windows over channels,
+computed channel-major as a scan of elementwise updates (see `_scan_channels`).
 
 Inputs may be float16, bfloat16, float32 or float64; low-precision inputs are accumulated
 in float32 and the result is cast back to the inputs' common dtype.
