@@ -21,8 +21,7 @@ Two implementations compute the same thing:
 * ``"slices"``: one shifted (strided, for down) slice of the zero-padded input per tap,
   multiplied by the kernel channel and summed. XLA fuses the K*K terms into a single loop,
   so nothing K*K times larger than the output exists. The default on every backend: it is
-  the fastest on CPU (``benchmarks/reassembly.py``), and slices are the cheapest window
-  reads XLA has on GPU/TPU as well (not yet measured there).
+  the fastest on CPU (``benchmarks/reassembly.py``); GPU and TPU are not measured yet.
 * ``"gather"``: the same formulas with every window read by ``jax.lax.gather`` at
   precomputed source coordinates.
 

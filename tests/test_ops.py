@@ -31,6 +31,17 @@ def _random_case(direction, shape, kernel_size, groups, seed=0, dtype=np.float32
   return features, kernels.astype(dtype)
 
 
+def _forward_backward(fn):
+  """Jitted (f, m, ct) -> (fn(f, m), d/df, d/dm) for the cotangent ct."""
+
+  @jax.jit
+  def both(f, m, ct):
+    out, vjp = jax.vjp(fn, f, m)
+    return (out,) + vjp(ct)
+
+  return both
+
+
 # (direction, features shape, kernel size, groups): 1x1 maps, K=1, odd group counts.
 RANDOM_SHAPES = [
     ("up", (2, 5, 7, 6), 3, 1),
@@ -83,13 +94,7 @@ def test_implementations_agree_forward_and_backward(direction, shape, kernel_siz
                            implementation=implementation)
     cotangent = np.random.default_rng(2).normal(
         size=jax.eval_shape(fn, features, kernels).shape).astype(np.float32)
-
-    @jax.jit
-    def forward_backward(f, m, ct, fn=fn):
-      out, vjp = jax.vjp(fn, f, m)
-      return (out,) + vjp(ct)
-
-    results.append(forward_backward(features, kernels, cotangent))
+    results.append(_forward_backward(fn)(features, kernels, cotangent))
   chex.assert_trees_all_close(*results, rtol=1e-5, atol=1e-5)
 
 
@@ -176,13 +181,9 @@ def test_backward_needs_no_patch_tensor(direction, shape, k, implementation):
   features, kernels = _random_case(direction, shape, k, 1)
   fn = functools.partial(OPS[direction], kernel_size=k, implementation=implementation)
 
-  def forward_backward(f, m, ct):
-    out, vjp = jax.vjp(fn, f, m)
-    return (out,) + vjp(ct)
-
   out_shape = jax.eval_shape(fn, features, kernels)
   ct = jnp.ones(out_shape.shape, out_shape.dtype)
-  compiled = jax.jit(forward_backward).lower(features, kernels, ct).compile()
+  compiled = _forward_backward(fn).lower(features, kernels, ct).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   io_bytes = 4 * (2 * features.size + 2 * kernels.size + 2 * ct.size)
   assert temp <= 3 * io_bytes, (temp, io_bytes)
