@@ -1,0 +1,142 @@
+"""The A2U matting network (the authors' "adobe.yaml": ResNet-34 style, stride 16, ASPP).
+
+Input (N, H, W, 4): ImageNet-normalised RGB plus trimap/255; H, W multiples of 16.
+Output (N, H, W, 1): raw alpha (clip to [0, 1] at inference).
+
+    encoder                                   decoder
+    stem conv7x7+ABN ........ 1   ---skip0(input)-----------------> stage1 -> head
+    A2U down (gen0) ......... 1/2 ---skip1---------------> stage2
+    A2U down (gen1) ......... 1/4
+    layer1: 3 blocks 64 ..... 1/4 ---skip2------> stage3
+    layer2_1 (gen2) + 3 ..... 1/8 ---skip3--> stage4
+    layer3_1 (gen3) + 3 ..... 1/16 -> ASPP -> stage4
+
+Every decoder stage upsamples 2x with the kernels its encoder level produced (A2U), adds
+the skip and applies two residual blocks. With `resampler="baseline"` the generators are
+removed (see `baseline_matting`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from a2u_jax import layers, ops
+from a2u_jax.models.blocks import ASPP, ConvABN, ResidualBlock, ResidualStage, conv
+
+Dtype = Any
+RESAMPLERS = ("a2u", "baseline")
+
+
+class MattingNet(nn.Module):
+  """Encoder-decoder matting network; see the module docstring for the layout.
+
+  Attributes:
+    resampler: "a2u" (the paper's model) or "baseline" (stride-2 / bilinear).
+    share, up_kernel_size, encode_kernel_size, rank, groups: A2U generator options.
+    axis_name: device axis for synchronised batch statistics under pmap/shard_map.
+    dtype: computation dtype (None: float32); parameters are float32.
+  """
+
+  resampler: str = "a2u"
+  share: bool = True
+  up_kernel_size: int = 3
+  encode_kernel_size: int = 6
+  rank: int = 1
+  groups: int = 1
+  axis_name: str | None = None
+  dtype: Dtype | None = None
+
+  def _generator(self, name: str) -> layers.A2UKernelGenerator:
+    return layers.A2UKernelGenerator(
+        up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
+        rank=self.rank, groups=self.groups, share=self.share, dtype=self.dtype, name=name)
+
+  def _down(self, name: str):
+    """Returns f(x) -> (x downsampled 2x, context for the paired upsampling)."""
+    if self.resampler == "baseline":
+      return lambda x: (x[:, ::2, ::2], None)
+    generator = self._generator(name)
+
+    def down(x):
+      down_kernels, up_kernels = generator(x)
+      y = ops.reassemble_down(x, down_kernels.astype(x.dtype),
+                              kernel_size=2 * self.up_kernel_size, groups=self.groups)
+      return y, up_kernels
+
+    return down
+
+  def _up(self, x: jax.Array, up_kernels: jax.Array | None) -> jax.Array:
+    if self.resampler == "baseline":
+      n, h, w, c = x.shape
+      return jax.image.resize(x, (n, 2 * h, 2 * w, c), "linear").astype(x.dtype)
+    return ops.reassemble_up(x, up_kernels.astype(x.dtype), kernel_size=self.up_kernel_size,
+                             groups=self.groups)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.resampler not in RESAMPLERS:
+      raise ValueError(f"MattingNet: `resampler` must be one of {RESAMPLERS}, got "
+                       f"{self.resampler!r}.")
+    if x.ndim != 4 or x.shape[-1] != 4:
+      raise ValueError(f"MattingNet: input must be (N, H, W, 4) (RGB + trimap), got shape "
+                       f"{x.shape}.")
+    if x.shape[1] % 16 or x.shape[2] % 16:
+      raise ValueError(f"MattingNet: input height and width must be multiples of 16, got "
+                       f"{x.shape[1]} x {x.shape[2]} (pad with reflection and crop back).")
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype)
+    inputs = x.astype(self.dtype or jnp.float32)
+
+    # Encoder.
+    stem = ConvABN(64, 7, name="stem", **kw)(inputs, train)
+    half, up0 = self._down("gen0")(stem)
+    quarter, up1 = self._down("gen1")(half)
+    l1 = ResidualStage((64, 64, 64), name="layer1", **kw)(quarter, train)
+    l2, up2 = ResidualBlock(128, stride=2, name="layer2_1", **kw)(
+        l1, train, resample=self._down("gen2"))
+    l2 = ResidualStage((128,) * 3, name="layer2_2", **kw)(l2, train)
+    l3, up3 = ResidualBlock(256, stride=2, name="layer3_1", **kw)(
+        l2, train, resample=self._down("gen3"))
+    l3 = ResidualStage((256,) * 3, name="layer3_2", **kw)(l3, train)
+    context = ASPP(256, name="aspp", **kw)(l3, train)
+
+    # Decoder: upsample with the paired kernels, add the skip, two residual blocks.
+    stages = [(up3, l2, 256, 128, "3"), (up2, l1, 128, 64, "2"), (up1, half, 64, 64, "1"),
+              (up0, inputs, 64, 32, "0")]
+    y = context
+    for up_kernels, skip_source, skip_width, width, level in stages:
+      skip = ConvABN(skip_width, 3, name=f"skip{level}", **kw)(skip_source, train)
+      y = self._up(y, up_kernels) + skip
+      y = ResidualStage((width, width), name=f"stage{int(level) + 1}", **kw)(y, train)
+
+    y = ConvABN(1, 3, name="head", **kw)(y, train)
+    y = conv(1, 3, dtype=self.dtype, name="head_out")(y)
+    return y.astype(jnp.float32)
+
+
+def a2u_matting(share: bool = True, **overrides) -> MattingNet:
+  """The authors' A2U matting network (adobe.yaml); `share=False` gives "unshare".
+
+  `overrides` are `MattingNet` attributes: up_kernel_size, encode_kernel_size, rank,
+  groups, axis_name, dtype. Call as ``module.apply(variables, x, train=False)``;
+  with ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
+  """
+  return MattingNet(resampler="a2u", share=share, **overrides)
+
+
+def baseline_matting(**overrides) -> MattingNet:
+  """The paper's baseline: the same encoder-decoder without the kernel generators.
+
+  The authors ship no baseline code; the paper describes it as plain stride-2
+  downsampling in the encoder and bilinear upsampling in the decoder. We therefore use:
+  stride-2 subsampling (x[:, ::2, ::2]) for the two stem downsamplings, which is what a
+  stride-2 layer does to the positions it keeps; stride 2 in the first 3x3 conv of
+  layer2_1 and layer3_1, as in a standard ResNet-34; and 2x bilinear upsampling
+  (half-pixel centres, PyTorch's align_corners=False) in every decoder stage. Every
+  other layer, width and parameter is shared with `a2u_matting`, so the difference in
+  parameter count is exactly the four kernel generators.
+  """
+  return MattingNet(resampler="baseline", **overrides)
