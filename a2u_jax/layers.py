@@ -6,6 +6,7 @@ reassembly itself lives in `a2u_jax.ops`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,7 +38,9 @@ def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
   """(N, H, W, C) -> (N, bins, bins, C), PyTorch `AdaptiveAvgPool2d(bins)` semantics."""
   rows = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], bins), x.dtype)
   cols = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], bins), x.dtype)
-  return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x, precision=lax.Precision.HIGHEST)
+  # Rows first: the large contraction is then one plain matrix product.
+  pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x, precision=lax.Precision.HIGHEST)
+  return jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)
 
 
 def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -51,13 +54,9 @@ def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
   return jnp.transpose(x, (0, 1, 4, 2, 5, 3)).reshape(n, h * factor, w * factor, c)
 
 
-def _per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
-                          padding: int) -> jax.Array:
-  """Depthwise conv with a different kernel bank per sample.
-
-  x (N, H, W, C); kernels (N, k, k, C, M) -> (N, H', W', C, M): output (c, m) is channel c
-  convolved (PyTorch cross-correlation) with kernels[n, :, :, c, m].
-  """
+def _depthwise_by_conv(x: jax.Array, kernels: jax.Array, stride: int,
+                       padding: int) -> jax.Array:
+  """`per_sample_depthwise` as a vmapped grouped convolution (used for its VJP)."""
   n, k, _, c, mult = kernels.shape
 
   def one(xi, ki):
@@ -70,6 +69,46 @@ def _per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
 
   out = jax.vmap(one)(x, kernels)
   return out.reshape(out.shape[:3] + (c, mult))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
+                         padding: int) -> jax.Array:
+  """Depthwise cross-correlation with a different kernel bank per sample.
+
+  x (N, H, W, C); kernels (N, k, k, C, M) -> (N, H', W', C, M): output (c, m) is channel c
+  correlated (PyTorch conv2d semantics, zero padding) with kernels[n, :, :, c, m].
+
+  The forward is one fused sum of k*k strided slices (XLA:CPU runs grouped convolutions
+  with per-sample kernels several times slower); the VJP is that of the equivalent grouped
+  convolution, so training keeps no per-tap residuals.
+  """
+  n, hh, ww, c = x.shape
+  k = kernels.shape[1]
+  out_h = (hh + 2 * padding - k) // stride + 1
+  out_w = (ww + 2 * padding - k) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  total = None
+  for ky in range(k):
+    for kx in range(k):
+      window = xp[:, ky:ky + stride * (out_h - 1) + 1:stride,
+                  kx:kx + stride * (out_w - 1) + 1:stride]
+      term = window[..., None] * kernels[:, None, None, ky, kx]
+      total = term if total is None else total + term
+  return total
+
+
+def _per_sample_depthwise_fwd(x, kernels, stride, padding):
+  return per_sample_depthwise(x, kernels, stride, padding), (x, kernels)
+
+
+def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
+  x, kernels = residuals
+  _, vjp = jax.vjp(lambda a, b: _depthwise_by_conv(a, b, stride, padding), x, kernels)
+  return vjp(cotangent)
+
+
+per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)
 
 
 class A2UKernelGenerator(nn.Module):
@@ -144,7 +183,7 @@ class A2UKernelGenerator(nn.Module):
       bank = nn.Dense(banks, dtype=dtype, name=f"encode_{name}")(pooled)   # (N, k, k, banks)
       bank = bank.reshape(n, k, k, d, -1)                                  # (.., d, C or 1)
       bank = jnp.broadcast_to(bank, (n, k, k, d, c)).transpose(0, 1, 2, 4, 3)
-      out = _per_sample_depthwise(x, bank, stride=2, padding=(k - 1) // 2)  # (N,h,w,C,d)
+      out = per_sample_depthwise(x, bank, 2, (k - 1) // 2)              # (N,h,w,C,d)
       # Each rank slice is normalised on its own, as the paper's implementation does.
       out = out.transpose(0, 4, 1, 2, 3).reshape(n * d, h // 2, w // 2, c)
       out = nn.GroupNorm(num_groups=self.norm_groups, epsilon=1e-5, dtype=dtype,

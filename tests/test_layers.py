@@ -1,6 +1,7 @@
 """Kernel generator and A2U layers: the authors' kernels, shapes, normalisation, layout."""
 
 import chex
+import jax.test_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +126,19 @@ def test_down_up_layers_round_trip_shapes_and_dtypes(dtype):
 def test_generator_rejects_bad_input(shape, kwargs, message):
   with pytest.raises(ValueError, match=message):
     layers.A2UKernelGenerator(**kwargs).init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_per_sample_depthwise_matches_grouped_convolution_and_its_gradient():
+  x = jax.random.normal(jax.random.key(7), (2, 10, 12, 3))
+  kernels = jax.random.normal(jax.random.key(8), (2, 6, 6, 3, 2))
+  expected = layers._depthwise_by_conv(x, kernels, 2, 2)
+  out = jax.jit(layers.per_sample_depthwise, static_argnums=(2, 3))(x, kernels, 2, 2)
+  chex.assert_shape(out, (2, 5, 6, 3, 2))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # Per-sample kernels really are per sample.
+  np.testing.assert_allclose(out[1], layers._depthwise_by_conv(x[1:], kernels[1:], 2, 2)[0],
+                             rtol=1e-5, atol=1e-5)
+  with jax.enable_x64(True):
+    x64, k64 = np.asarray(x, np.float64), np.asarray(kernels, np.float64)
+    jax.test_util.check_grads(lambda a, b: layers.per_sample_depthwise(a, b, 2, 2),
+                              (x64, k64), order=1, modes=("rev",))

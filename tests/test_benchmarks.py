@@ -1,0 +1,29 @@
+"""The benchmark scripts run (tiny settings) and print their tables."""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+  result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_reassembly_benchmark_prints_its_table():
+  out = _run("benchmarks/reassembly.py", "--quick", "--repeats", "1")
+  assert "| a2u_jax slices (default) |" in out and "| a2u_jax gather |" in out
+  assert "floor: JAX nearest 2x" in out and "floor: JAX 2x2 avg pool" in out
+  assert "PyTorch" in out
+
+
+def test_network_benchmark_checks_the_pytorch_transcription_and_prints_its_table():
+  out = _run("benchmarks/network.py", "--sizes", "32", "--no-batch8", "--repeats", "1")
+  for row in ("a2u_jax A2U float32", "a2u_jax A2U bfloat16", "a2u_jax baseline float32",
+              "PyTorch"):
+    assert f"| {row}" in out
+  assert "A2U / baseline (float32):" in out
