@@ -27,3 +27,10 @@ def test_network_benchmark_checks_the_pytorch_transcription_and_prints_its_table
               "PyTorch"):
     assert f"| {row}" in out
   assert "A2U / baseline (float32):" in out
+
+
+def test_data_pipeline_benchmark_prints_its_table():
+  out = _run("benchmarks/data_pipeline.py", "--samples", "4", "--batch", "2", "--crop", "64",
+             "--min-size", "100", "--max-size", "140", "--step-seconds", "0.5")
+  assert "| synthetic, in memory |" in out and "needs 4.0 samples/s" in out
+  assert "x |" in out

@@ -1,0 +1,36 @@
+"""The network's input encoding, shared by training, evaluation and prediction.
+
+The authors feed the matting network four channels: the RGB composite normalised with the
+ImageNet mean and standard deviation, and the trimap divided by 255 (so 0, ~0.502, 1).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def model_inputs(image, trimap) -> jnp.ndarray:
+  """Encodes an image and its trimap as the matting network's 4-channel input.
+
+  Args:
+    image: RGB in [0, 1], float, shape (..., H, W, 3).
+    trimap: values in {0, 128, 255} (uint8 or float), shape (..., H, W, 1).
+
+  Returns:
+    float32 array (..., H, W, 4): (image - mean) / std, then trimap / 255.
+    Works on NumPy or JAX arrays and under jit.
+  """
+  if image.shape[-1] != 3:
+    raise ValueError(f"image: expected 3 (RGB) channels in the last axis, got shape "
+                     f"{tuple(image.shape)}")
+  if trimap.shape[-1] != 1 or trimap.shape[:-1] != image.shape[:-1]:
+    raise ValueError(f"trimap: expected shape {tuple(image.shape[:-1]) + (1,)} to match the "
+                     f"image, got {tuple(trimap.shape)}")
+  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.asarray(IMAGENET_STD, np.float32)
+  rgb = (jnp.asarray(image, jnp.float32) - mean) / std
+  return jnp.concatenate([rgb, jnp.asarray(trimap, jnp.float32) / 255.0], axis=-1)

@@ -1,0 +1,172 @@
+"""Training-data throughput: our tf.data pipeline against the authors' per-sample approach.
+
+Both run the Deep Image Matting protocol (data_pipeline.composition, and its NumPy/OpenCV
+transcription in dim_protocol_numpy.py) on the same images, 512 crops:
+  - synthetic foregrounds and backgrounds of realistic size (1-2 MP), held in memory;
+  - the real photographs of ../shared/data/alphamatting_lowres read from disk every time
+    (the photos as foregrounds with their alphas, the photos again as backgrounds).
+The baseline runs in a multiprocessing pool with one worker per core, the way the authors'
+DataLoader runs; its workers return only a checksum, so it is not charged for handing the
+arrays back (ours is: it yields NumPy batches). Prints one table.
+
+  python benchmarks/data_pipeline.py [--samples 64] [--crop 512] [--gpu-tflops 100]
+
+--gpu-tflops T also prints how many samples/s a GPU sustaining T TFLOP/s on the A2U
+network's training step consumes (FLOPs per crop from XLA's cost analysis of one
+forward+backward pass), i.e. what the pipeline must deliver to keep it busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+# This script shares its name with the package it measures: take its folder off the path.
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import data_pipeline  # noqa: E402
+from data_pipeline import synthetic  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("dim_protocol_numpy",
+                                               _HERE / "dim_protocol_numpy.py")
+dim_protocol_numpy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dim_protocol_numpy)
+
+SHARED_PHOTOS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+                 / "alphamatting_lowres")
+
+_WORKER: dict = {}
+
+
+def _init_worker(kind, payload, crop):
+  import cv2  # noqa: F401  (fail early in the worker if OpenCV is missing)
+  _WORKER.update(kind=kind, payload=payload, crop=crop)
+
+
+def _load(kind, payload, index):
+  if kind == "arrays":
+    foregrounds, alphas, _ = payload
+    return foregrounds[index], alphas[index]
+  import cv2
+  fg_paths, alpha_paths, _ = payload
+  return cv2.imread(fg_paths[index]), cv2.imread(alpha_paths[index], cv2.IMREAD_GRAYSCALE)
+
+
+def _load_background(kind, payload, index):
+  if kind == "arrays":
+    return payload[2][index]
+  import cv2
+  return cv2.imread(payload[2][index])
+
+
+def _reference_sample(index):
+  kind, payload, crop = _WORKER["kind"], _WORKER["payload"], _WORKER["crop"]
+  rng = np.random.default_rng(index)
+  count = len(payload[0])
+  fg, alpha = _load(kind, payload, index % count)
+  fg2, alpha2 = _load(kind, payload, int(rng.integers(count)))
+  bg = _load_background(kind, payload, int(rng.integers(len(payload[2]))))
+  out = dim_protocol_numpy.compose_reference(fg, alpha, fg2, alpha2, bg, crop, rng)
+  # The authors' ToTensor: channels-first float32 arrays.
+  tensors = [np.ascontiguousarray(out[k].transpose(2, 0, 1), np.float32)
+             for k in ("image", "fg", "bg", "alpha", "trimap")]
+  return float(sum(t[:, ::64, ::64].sum() for t in tensors))
+
+
+def reference_rate(kind, payload, crop, samples, workers):
+  ctx = multiprocessing.get_context("fork")
+  with ctx.Pool(workers, initializer=_init_worker, initargs=(kind, payload, crop)) as pool:
+    list(pool.imap(_reference_sample, range(workers * 2)))  # warm-up
+    start = time.perf_counter()
+    list(pool.imap(_reference_sample, range(samples), chunksize=1))
+    return samples / (time.perf_counter() - start)
+
+
+def pipeline_rate(source, crop, samples, batch_size):
+  iterator = data_pipeline.train_batches(source, batch_size=batch_size, crop_size=crop)
+  next(iterator)  # warm-up: graph construction and the first batch
+  batches = max(1, samples // batch_size)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches * batch_size / (time.perf_counter() - start)
+
+
+def training_step_flops(crop: int) -> float:
+  """FLOPs of one forward+backward pass of the A2U network on one crop (XLA's count)."""
+  import jax
+  import jax.numpy as jnp
+
+  from a2u_jax.models.matting import a2u_matting
+
+  model = a2u_matting()
+  inputs = jnp.zeros((1, crop, crop, 4))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), inputs))
+
+  def loss(variables, inputs):
+    out, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"],
+                         rngs={"dropout": jax.random.PRNGKey(1)})
+    return out.mean()
+
+  analysis = jax.jit(jax.grad(loss)).lower(variables, inputs).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  return float(analysis["flops"])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--samples", type=int, default=64, help="samples timed per row")
+  parser.add_argument("--crop", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--min-size", type=int, default=1000,
+                      help="synthetic image side range (1000-1400: 1-2 MP)")
+  parser.add_argument("--max-size", type=int, default=1400)
+  parser.add_argument("--step-seconds", type=float, default=None,
+                      help="a GPU training step time to compare with (batch --batch)")
+  parser.add_argument("--gpu-tflops", type=float, default=None,
+                      help="sustained GPU TFLOP/s to translate into samples/s needed")
+  args = parser.parse_args(argv)
+  workers = os.cpu_count() or 1
+
+  foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(
+      8, 8, args.min_size, args.max_size, seed=0)
+  cases = [("synthetic, in memory", "arrays", (foregrounds, alphas, backgrounds),
+            data_pipeline.ArraySource("synthetic", foregrounds, alphas, backgrounds))]
+  if SHARED_PHOTOS.is_dir():
+    images = sorted(str(p) for p in SHARED_PHOTOS.glob("image_*.png"))
+    alpha_files = [p.replace("image_", "alpha_") for p in images]
+    cases.append(("real photos, from disk", "files", (images, alpha_files, images),
+                  data_pipeline.FileSource("photos", images, alpha_files, images)))
+  else:
+    print(f"(no {SHARED_PHOTOS}: real-photo row skipped)")
+
+  print(f"{workers} CPU cores; {args.crop}x{args.crop} crops; samples/s (higher is better)\n")
+  print("| data | tf.data pipeline (ours) | NumPy+OpenCV pool of "
+        f"{workers} (authors' approach) | ours / baseline |")
+  print("|---|---|---|---|")
+  for label, kind, payload, source in cases:
+    ours = pipeline_rate(source, args.crop, args.samples, args.batch)
+    theirs = reference_rate(kind, payload, args.crop, args.samples, workers)
+    print(f"| {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |", flush=True)
+    if args.step_seconds:
+      need = args.batch / args.step_seconds
+      print(f"|   a {args.step_seconds:g} s step at batch {args.batch} needs {need:.1f} "
+            f"samples/s | | | |")
+  if args.gpu_tflops:
+    flops = training_step_flops(args.crop)
+    print(f"\nA2U network forward+backward: {flops / 1e9:.0f} GFLOP per {args.crop}x"
+          f"{args.crop} crop; a GPU sustaining {args.gpu_tflops:g} TFLOP/s consumes "
+          f"{args.gpu_tflops * 1e12 / flops:.0f} samples/s.")
+
+
+if __name__ == "__main__":
+  main()
