@@ -13,10 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m a2u_jax.demo --out demo_out
+	$(PY) train.py --config configs/smoke.py --workdir demo_out/run
+	$(PY) -m a2u_jax.demo --checkpoint demo_out/run/model --out demo_out
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=12
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/reassembly.py

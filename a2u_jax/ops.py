@@ -161,23 +161,26 @@ def _channel_chunk(cg: int) -> int:
   return max(d for d in range(1, 9) if cg % d == 0)
 
 
-def _scan_channels(terms, planes: tuple[jax.Array, ...], term_shape: tuple[int, ...],
-                   dtype) -> jax.Array:
+def _scan_channels(terms, planes: tuple[jax.Array, ...]) -> jax.Array:
   """Sums terms(*one_channel_planes) (a list of T arrays) over the planes' leading axis.
 
   Returns the T sums stacked on a new leading axis. Each of the T accumulators is its own
-  scan carry, so every update is one fused elementwise loop with no stacking copy.
+  scan carry, so every update is one fused elementwise loop with no stacking copy. The
+  first chunk initialises the carry (rather than zeros), so the carry has the inputs'
+  type, device-varying ones included under shard_map.
   """
   chunk = _channel_chunk(planes[0].shape[0])
   chunked = tuple(p.reshape((-1, chunk) + p.shape[1:]) for p in planes)
-  count = len(terms(*(p[0] for p in planes)))
+
+  def chunk_sums(xs):
+    per_channel = [terms(*(x[c] for x in xs)) for c in range(chunk)]
+    return tuple(_sum(t[i] for t in per_channel) for i in range(len(per_channel[0])))
 
   def step(acc, xs):
-    per_channel = [terms(*(x[c] for x in xs)) for c in range(chunk)]
-    return tuple(a + _sum(t[i] for t in per_channel) for i, a in enumerate(acc)), None
+    return tuple(a + s for a, s in zip(acc, chunk_sums(xs))), None
 
-  init = tuple(jnp.zeros(term_shape, dtype) for _ in range(count))
-  acc, _ = lax.scan(step, init, chunked)
+  first = chunk_sums(tuple(p[0] for p in chunked))
+  acc, _ = lax.scan(step, first, tuple(p[1:] for p in chunked))
   return jnp.stack(acc)
 
 
@@ -204,7 +207,7 @@ def _up_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Ar
     return [ctc * read(fc, (ky, kx), 1, (h, w), axis=2)[:, :, None, None]
             for ky, kx, _ in _taps(k)]
 
-  acc = _scan_channels(terms, (f_planes, ct_planes), (n, g, 2, 2, h, w), f.dtype)
+  acc = _scan_channels(terms, (f_planes, ct_planes))
   # acc (T, N, G, i, j, h, w) -> (N, h, i, w, j, G, T)
   return jnp.transpose(acc, (1, 5, 3, 6, 4, 2, 0)).reshape(n, 2 * h, 2 * w, g, k * k)
 
@@ -246,7 +249,7 @@ def _down_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.
     return [ctc * read(fc[:, :, ky % 2, kx % 2], (ky // 2, kx // 2), 1, (h, w), axis=2)
             for ky, kx, _ in _taps(k)]
 
-  acc = _scan_channels(terms, (f_planes, ct_planes), (n, g, h, w), f.dtype)
+  acc = _scan_channels(terms, (f_planes, ct_planes))
   return jnp.transpose(acc, (1, 3, 4, 2, 0))  # (T, N, G, h, w) -> (N, h, w, G, T)
 
 

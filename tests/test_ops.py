@@ -223,3 +223,26 @@ def test_errors_are_raised_at_trace_time_under_jit():
   with pytest.raises(ValueError, match="spatially half"):
     traced.lower(jax.ShapeDtypeStruct((1, 4, 4, 2), jnp.float32),
                  jax.ShapeDtypeStruct((1, 4, 4, 36), jnp.float32))
+
+
+def test_gradients_under_shard_map_match_the_unsharded_ones():
+  """Data-parallel training runs the ops inside shard_map (device-varying values)."""
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 (fake) devices")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("batch",))
+  rng = np.random.default_rng(0)
+  f = jnp.asarray(rng.standard_normal((2, 4, 4, 16)), jnp.float32)
+  m = jnp.asarray(rng.random((2, 8, 8, 9)), jnp.float32)
+
+  def loss(f, m):
+    return jnp.sum(ops.reassemble_up(f, m, kernel_size=3) ** 2)
+
+  spec = jax.sharding.PartitionSpec("batch")
+  # Each device differentiates the loss of its own example; the loss is a sum over
+  # examples, so together they are the whole batch's gradient.
+  sharded = jax.jit(jax.shard_map(jax.grad(loss, (0, 1)), mesh=mesh, in_specs=(spec, spec),
+                                  out_specs=(spec, spec)))
+  got = sharded(f, m)
+  expected = jax.grad(loss, (0, 1))(f, m)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)

@@ -39,6 +39,7 @@ class MattingNet(nn.Module):
     share, up_kernel_size, encode_kernel_size, rank, groups: A2U generator options.
     axis_name: device axis for synchronised batch statistics under pmap/shard_map.
     dtype: computation dtype (None: float32); parameters are float32.
+    dropout_rate: the ASPP's dropout while training (the authors': 0.5).
   """
 
   resampler: str = "a2u"
@@ -49,6 +50,7 @@ class MattingNet(nn.Module):
   groups: int = 1
   axis_name: str | None = None
   dtype: Dtype | None = None
+  dropout_rate: float = 0.5
 
   def _generator(self, name: str) -> layers.A2UKernelGenerator:
     return layers.A2UKernelGenerator(
@@ -101,7 +103,7 @@ class MattingNet(nn.Module):
     l3, up3 = ResidualBlock(256, stride=2, name="layer3_1", **kw)(
         l2, train, resample=self._down("gen3"))
     l3 = ResidualStage((256,) * 3, name="layer3_2", **kw)(l3, train)
-    context = ASPP(256, name="aspp", **kw)(l3, train)
+    context = ASPP(256, dropout_rate=self.dropout_rate, name="aspp", **kw)(l3, train)
 
     # Decoder: upsample with the paired kernels, add the skip, two residual blocks.
     stages = [(up3, l2, 256, 128, "3"), (up2, l1, 128, 64, "2"), (up1, half, 64, 64, "1"),

@@ -1,10 +1,10 @@
-"""The `make demo` job runs end to end and writes a picture a person can look at."""
+"""The operator demo (A2U down/up reconstruction) runs end to end and writes its picture."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from a2u_jax import demo
+from a2u_jax import reconstruction_demo as demo
 
 
 def test_demo_writes_the_comparison_picture(tmp_path):

@@ -1,0 +1,162 @@
+"""Run a matting checkpoint on your own image + trimap.
+
+  python -m a2u_jax.predict --checkpoint DIR --image photo.png --trimap trimap.png [--out DIR]
+  python -m a2u_jax.predict --checkpoint DIR --image photos/ --trimap trimaps/ --out DIR
+
+Writes NAME_alpha.png (same size as the input) and NAME_preview.png (input | trimap |
+alpha | composite on a checkerboard). Trimap values must be 0, 128 or 255; with
+--round-trimap other values are mapped to the nearest of the three. Input files are never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from a2u_jax import checkpointing, inputs
+
+STRIDE = 16
+TRIMAP_VALUES = np.array([0, 128, 255])
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def predict_alpha(model, variables: dict[str, Any], image: np.ndarray, trimap: np.ndarray
+                  ) -> np.ndarray:
+  """Alpha in [0, 1], (H, W) float32, by the authors' evaluation procedure.
+
+  image: (H, W, 3) uint8 RGB; trimap: (H, W) uint8 in {0, 128, 255}. The input is
+  reflect-padded at the bottom/right to a multiple of 16, the prediction cropped back,
+  clipped to [0, 1], and the trimap's known regions restored.
+  """
+  height, width = trimap.shape
+  padded_h, padded_w = -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
+  pad = ((0, padded_h - height), (0, padded_w - width))
+  x = inputs.model_inputs(
+      np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")[None],
+      np.pad(trimap, pad, mode="reflect")[None, ..., None])
+  alpha = _apply(model, variables, x)[0, :height, :width, 0]
+  alpha = np.clip(np.asarray(alpha), 0.0, 1.0)
+  alpha[trimap == 0] = 0.0
+  alpha[trimap == 255] = 1.0
+  return alpha
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(model):
+  """One jitted function per model (modules are hashable), so images of one padded shape
+  compile once."""
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def _apply(model, variables, x):
+  return _jitted_apply(model)(variables, jnp.asarray(x))
+
+
+def checkerboard(height: int, width: int, cell: int = 16) -> np.ndarray:
+  yy, xx = np.mgrid[:height, :width]
+  light = ((yy // cell + xx // cell) % 2).astype(np.float32)
+  return np.repeat((0.6 + 0.3 * light)[..., None], 3, axis=-1)
+
+
+def _grey(values: np.ndarray) -> np.ndarray:
+  return np.repeat(values[..., None], 3, axis=-1)
+
+
+def preview(image: np.ndarray, trimap: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """input | trimap | alpha | composite on a checkerboard, one uint8 RGB strip."""
+  rgb = image.astype(np.float32) / 255.0
+  a = alpha[..., None]
+  composite = rgb * a + checkerboard(*alpha.shape) * (1.0 - a)
+  panels = [rgb, _grey(trimap.astype(np.float32) / 255.0), _grey(alpha), composite]
+  return np.round(np.concatenate(panels, axis=1) * 255.0).astype(np.uint8)
+
+
+def read_pair(image_path: pathlib.Path, trimap_path: pathlib.Path, round_trimap: bool
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Reads an image and its trimap, with errors that name the file."""
+  def read(path, mode):
+    try:
+      with Image.open(path) as im:
+        return np.asarray(im.convert(mode))
+    except FileNotFoundError:
+      raise ValueError(f"{path}: file not found") from None
+    except Exception as error:
+      raise ValueError(f"{path}: cannot be read as an image ({error})") from None
+
+  image, trimap = read(image_path, "RGB"), read(trimap_path, "L")
+  if image.shape[:2] != trimap.shape:
+    raise ValueError(f"{image_path} is {image.shape[1]}x{image.shape[0]} but its trimap "
+                     f"{trimap_path} is {trimap.shape[1]}x{trimap.shape[0]}")
+  unexpected = np.setdiff1d(np.unique(trimap), TRIMAP_VALUES)
+  if unexpected.size:
+    if not round_trimap:
+      raise ValueError(f"{trimap_path}: trimap values must be 0, 128 or 255, found "
+                       f"{unexpected[:8].tolist()}; pass --round-trimap to map each value to "
+                       f"the nearest of the three")
+    nearest = np.abs(trimap[..., None].astype(np.int16) - TRIMAP_VALUES).argmin(axis=-1)
+    trimap = TRIMAP_VALUES[nearest].astype(np.uint8)
+  return image, trimap
+
+
+def _pairs(image: pathlib.Path, trimap: pathlib.Path) -> list[tuple[pathlib.Path, pathlib.Path]]:
+  if image.is_dir() != trimap.is_dir():
+    raise ValueError("--image and --trimap must both be files or both be folders")
+  if not image.is_dir():
+    return [(image, trimap)]
+  trimaps = {p.stem: p for p in trimap.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+  pairs = []
+  for path in sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    if path.stem not in trimaps:
+      raise ValueError(f"{path}: no trimap named {path.stem}.* in {trimap}")
+    pairs.append((path, trimaps[path.stem]))
+  if not pairs:
+    raise ValueError(f"no images in {image}")
+  return pairs
+
+
+def _write_png(path: pathlib.Path, array: np.ndarray, protected: set[pathlib.Path]) -> None:
+  if path.resolve() in protected:
+    raise ValueError(f"refusing to overwrite the input file {path}; choose another --out")
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  Image.fromarray(array).save(tmp)
+  tmp.replace(path)  # Never a half-written output.
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
+                      help="model checkpoint folder (train.py's WORKDIR/model, or "
+                           "python -m a2u_jax.convert's output)")
+  parser.add_argument("--image", required=True, type=pathlib.Path, help="file or folder")
+  parser.add_argument("--trimap", required=True, type=pathlib.Path, help="file or folder")
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("predictions"))
+  parser.add_argument("--round-trimap", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    pairs = _pairs(args.image, args.trimap)
+    model, variables = checkpointing.load_model_checkpoint(args.checkpoint)
+    args.out.mkdir(parents=True, exist_ok=True)
+    protected = {p.resolve() for pair in pairs for p in pair}
+    for image_path, trimap_path in pairs:
+      image, trimap = read_pair(image_path, trimap_path, args.round_trimap)
+      alpha = predict_alpha(model, variables, image, trimap)
+      alpha_path = args.out / f"{image_path.stem}_alpha.png"
+      _write_png(alpha_path, np.round(alpha * 255.0).astype(np.uint8), protected)
+      _write_png(args.out / f"{image_path.stem}_preview.png", preview(image, trimap, alpha),
+                 protected)
+      print(f"{image_path} -> {alpha_path}")
+  except (ValueError, FileNotFoundError) as error:
+    sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,342 @@
+"""The training loop around the pure steps: data, devices, checkpoints, logging, validation.
+
+Everything a run writes goes to its workdir:
+  checkpoints/   the last `keep_checkpoints` states (orbax; params, batch stats, optimiser,
+                 step, and the data stream position)
+  best/          the state with the lowest validation SAD
+  model/         a model checkpoint (a2u_jax.checkpointing) of the final state, for
+                 evaluation and prediction
+  metrics.jsonl  one JSON object per logged step (step, loss, loss terms, learning rates,
+                 grad norm, images/s; validation SAD/MSE on validation steps)
+  tensorboard/   the same scalars, and composite / trimap / predicted / true alpha images
+Rerunning the same command resumes from the last complete checkpoint: the data stream is a
+deterministic function of (seed, batch index), so the resumed run sees the batches the
+interrupted one would have seen, and logs the same losses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from a2u_jax import checkpointing, metrics as matting_metrics
+from a2u_jax.training import state as state_lib
+from a2u_jax.training import steps
+
+METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient stopped being finite."""
+
+
+def num_train_steps(config: ml_collections.ConfigDict) -> int:
+  if config.num_train_steps >= 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * config.steps_per_epoch)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the field, on values that would fail (or mislead) later."""
+  def positive(name):
+    value = config[name]
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+
+  for name in ("batch_size", "crop_size", "steps_per_epoch", "log_every",
+               "checkpoint_every", "keep_checkpoints"):
+    positive(name)
+  if config.crop_size % 16:
+    raise ValueError(f"config.crop_size must be a multiple of 16, got {config.crop_size}")
+  devices = jax.device_count()
+  if config.batch_size % devices:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{devices} devices")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+  if config.model.resampler not in ("a2u", "baseline"):
+    raise ValueError(f"config.model.resampler must be 'a2u' or 'baseline', got "
+                     f"{config.model.resampler!r}")
+  if not config.learning_rate > 0:
+    raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+  for key, value in config.data.options.items():
+    if value is None:
+      raise ValueError(f"config.data.options.{key} must be set for data source "
+                       f"{config.data.source!r} (e.g. --config.data.options.{key}=PATH)")
+  path = config.init.torchvision_resnet34
+  if path and not os.access(path, os.R_OK):
+    raise ValueError(f"config.init.torchvision_resnet34: cannot read {path}")
+
+
+def _validation_items(config: ml_collections.ConfigDict):
+  import data_pipeline  # The data pipeline imports TensorFlow: only when training.
+
+  readers = {"synthetic": data_pipeline.synthetic_items,
+             "alphamatting": data_pipeline.alphamatting_items,
+             "folder": data_pipeline.folder_items,
+             "tfds": data_pipeline.tfds_items}
+  if config.validation.source not in readers:
+    raise ValueError(f"config.validation.source must be one of {', '.join(readers)}, got "
+                     f"{config.validation.source!r}")
+  return readers[config.validation.source](**config.validation.options)
+
+
+class _Run:
+  """Data parallelism over a 1-D device mesh ("batch") with `shard_map`.
+
+  Why a mesh and shard_map rather than pmap: the step keeps its explicit collectives (the
+  gradient `pmean` and the batch-norm statistics synchronised through the model's
+  `axis_name`), the host batch is fed as it is (no [devices, per_device] reshape), the same
+  code covers one device, all local devices and every device of a multi-host run, and it
+  is the path JAX now implements pmap on.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    devices = np.array(jax.devices() if devices is None else devices)
+    self.mesh = jax.sharding.Mesh(devices, (steps.AXIS,))
+    self.devices = devices.size
+    self.model = state_lib.model_from_config(config, axis_name=steps.AXIS)
+    self.eval_model = state_lib.model_from_config(config)
+    replicated = jax.sharding.PartitionSpec()
+    split = jax.sharding.PartitionSpec(steps.AXIS)
+    self.replicated = jax.sharding.NamedSharding(self.mesh, replicated)
+    self.split = jax.sharding.NamedSharding(self.mesh, split)
+    step = functools.partial(steps.train_step, axis_name=steps.AXIS,
+                             learning_rates=state_lib.learning_rate_schedules(config))
+    self.train_step = jax.jit(
+        jax.shard_map(step, mesh=self.mesh, in_specs=(replicated, split, replicated),
+                      out_specs=(replicated, replicated)),
+        donate_argnums=(0,))
+    self.predict = jax.jit(steps.predict_step, out_shardings=self.split)
+
+  def put(self, tree):
+    """Replicates a host tree (the state, keys) over the mesh."""
+    return jax.device_put(tree, self.replicated)
+
+  def shard(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's batch, split over the mesh along the leading axis."""
+    return {key: jax.make_array_from_process_local_data(self.split, value)
+            for key, value in batch.items()}
+
+  @staticmethod
+  def get(tree):
+    return jax.device_get(tree)
+
+
+def _checkpoint_managers(workdir: pathlib.Path, config: ml_collections.ConfigDict):
+  latest = ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  best = ocp.CheckpointManager(
+      workdir / "best",
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, best_fn=lambda m: m["sad"], best_mode="min", create=True))
+  return latest, best
+
+
+def _save(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
+          metrics: dict[str, float] | None = None) -> None:
+  step = int(state.step)
+  position = {"step": step, "seed": int(config.seed), "batch_size": int(config.batch_size)}
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)),
+      metrics=metrics)
+
+
+def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config
+             ) -> tuple[state_lib.TrainState, int]:
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+  position = restored["data"]
+  if position["seed"] != config.seed or position["batch_size"] != config.batch_size:
+    raise ValueError(f"the checkpoint at step {step} was trained with seed "
+                     f"{position['seed']} and batch size {position['batch_size']}; this run "
+                     f"asks for {config.seed} and {config.batch_size}: use another --workdir")
+  return restored["state"], step
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+  """Drops records logged after `step` (by a run that was killed before checkpointing)."""
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line)["step"] <= step]
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+class _Logger:
+  """metrics.jsonl, TensorBoard (on process 0)."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool):
+    self.enabled = enabled
+    self.path = workdir / METRICS_FILE
+    self.writer = None
+    if enabled:
+      import tensorflow as tf
+      self.tf = tf
+      self.writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+    with self.writer.as_default(step=step):
+      for key, value in values.items():
+        self.tf.summary.scalar(key, value)
+
+  def images(self, step: int, batch: dict[str, np.ndarray], prediction: np.ndarray) -> None:
+    if not self.enabled:
+      return
+    count = min(4, prediction.shape[0])
+    with self.writer.as_default(step=step):
+      self.tf.summary.image("composite", batch["image"][:count], max_outputs=count)
+      self.tf.summary.image("trimap", batch["trimap"][:count], max_outputs=count)
+      self.tf.summary.image("alpha/predicted", np.clip(prediction[:count], 0, 1),
+                            max_outputs=count)
+      self.tf.summary.image("alpha/true", batch["alpha"][:count], max_outputs=count)
+
+  def flush(self) -> None:
+    if self.writer is not None:
+      self.writer.flush()
+
+
+def evaluate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
+  """Mean SAD and MSE (design.md §5 units) over evaluation items, all local devices."""
+  import data_pipeline
+
+  batch_size = -(-batch_size // run.devices) * run.devices
+  sads, mses = [], []
+  for batch in data_pipeline.eval_batches(items, batch_size=batch_size):
+    sharded = run.shard({"image": batch["image"], "trimap": batch["trimap"]})
+    alpha = np.asarray(run.predict(state.replace(apply_fn=run.eval_model.apply),
+                                   sharded["image"], sharded["trimap"]))
+    for i in np.flatnonzero(batch["valid"]):
+      h, w = batch["height"][i], batch["width"][i]
+      pred = np.round(alpha[i, :h, :w, 0] * 255.0)
+      gt, tri = batch["alpha"][i, :h, :w, 0], batch["trimap"][i, :h, :w, 0]
+      sads.append(matting_metrics.sad(pred, gt, tri))
+      mses.append(matting_metrics.mse(pred, gt, tri))
+  return {"sad": float(np.mean(sads)), "mse": float(np.mean(mses))}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       *, progress: bool = True) -> dict[str, Any]:
+  """Trains (or resumes) a run in `workdir`; returns the last logged metrics."""
+  validate_config(config)
+  if config.distributed:
+    jax.distributed.initialize()
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  import data_pipeline
+
+  # Building the source validates the data (folders, pairs, sizes) before anything slow.
+  source = data_pipeline.build_source(config.data.source, **config.data.options)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  lead = jax.process_index() == 0
+  if lead:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  run = _Run(config)
+  total_steps = num_train_steps(config)
+  host_batch = config.batch_size // jax.process_count()
+
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  state = state_lib.create_train_state(config, init_rng, run.model)
+  latest, best = _checkpoint_managers(workdir, config)
+  state, start_step = _restore(latest, state, config)
+  logger = _Logger(workdir, lead)
+  if lead:
+    _truncate_metrics(logger.path, start_step)
+    log.info("%s: %d parameters; %s from step %d to %d", workdir,
+                 state_lib.count_parameters(state.params),
+                 "resuming" if start_step else "starting", start_step, total_steps)
+
+  batches = data_pipeline.train_batches(
+      source, batch_size=host_batch, crop_size=config.crop_size, seed=config.seed,
+      shard_index=jax.process_index(), num_shards=jax.process_count(),
+      skip_batches=start_step)
+  items = _validation_items(config) if config.eval_every > 0 else []
+
+  device_state = run.put(state)
+  device_rng = run.put(dropout_rng)
+  last: dict[str, Any] = {}
+  bar = _progress_bar(start_step, total_steps, progress and lead)
+  step = start_step
+  try:
+    while step < total_steps:
+      started = time.perf_counter()
+      batch = next(batches)
+      device_state, step_metrics = run.train_step(device_state, run.shard(batch), device_rng)
+      step_metrics = run.get(step_metrics)
+      if not step_metrics.pop("finite"):
+        raise NonFiniteError(
+            f"step {step + 1}: the loss ({float(step_metrics['loss'])}) or the gradient "
+            f"norm ({float(step_metrics['grad_norm'])}) is not finite; the state was not "
+            f"updated and no checkpoint was written from it (the last one is step "
+            f"{latest.latest_step()}). Lower config.learning_rate or check the data.")
+      step += 1
+      images_per_second = config.batch_size / (time.perf_counter() - started)
+      last = {key: float(value) for key, value in step_metrics.items()}
+      last["images_per_second"] = images_per_second
+      bar.update(1)
+      bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_second:.1f}")
+      if step % config.log_every == 0 or step == total_steps:
+        logger.scalars(step, last)
+      if config.image_summary_every and step % config.image_summary_every == 0:
+        logger.images(step, batch, _predict_host(run, device_state, batch))
+      if step % config.checkpoint_every == 0 or step == total_steps:
+        _save(latest, run.get(device_state), config)
+      if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
+        values = evaluate(run, device_state, items, config.validation.batch_size)
+        logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
+        _save(best, run.get(device_state), config, metrics=values)
+        last.update({f"validation/{k}": v for k, v in values.items()})
+  except KeyboardInterrupt:
+    host_state = run.get(device_state)
+    if int(host_state.step) != latest.latest_step():
+      _save(latest, host_state, config)
+    latest.wait_until_finished()
+    log.warning("interrupted at step %d: checkpoint written, rerun to resume",
+                    int(host_state.step))
+    return last
+  finally:
+    bar.close()
+    latest.wait_until_finished()
+    best.wait_until_finished()
+    logger.flush()
+  if lead:
+    host_state = run.get(device_state)
+    checkpointing.save_model_checkpoint(
+        workdir / "model", {"params": host_state.params, "batch_stats": host_state.batch_stats},
+        state_lib.model_options(config), force=True)
+  return last
+
+
+def _predict_host(run: _Run, device_state, batch) -> np.ndarray:
+  sharded = run.shard({"image": batch["image"], "trimap": batch["trimap"]})
+  return np.asarray(run.predict(device_state.replace(apply_fn=run.eval_model.apply),
+                                sharded["image"], sharded["trimap"]))
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, unit="step",
+              dynamic_ncols=True)

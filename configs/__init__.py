@@ -1,0 +1,1 @@
+"""Training configurations: python files with get_config() -> ml_collections.ConfigDict."""

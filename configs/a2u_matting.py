@@ -1,0 +1,56 @@
+"""The authors' recipe (design.md §4): A2U matting network (share), Composition-1k training.
+
+  python train.py --config configs/a2u_matting.py --workdir runs/a2u \
+      --config.data.options.root=/data/Combined_Dataset \
+      --config.data.options.background_dir=/data/coco/train2014 \
+      --config.init.torchvision_resnet34=/weights/resnet34-b627a593.pth
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(
+      resampler="a2u", share=True, up_kernel_size=3, encode_kernel_size=6, rank=1,
+      groups=1, dropout_rate=0.5))
+  config.dtype = "float32"  # or "bfloat16" (compute only; parameters stay float32)
+  config.seed = 0
+
+  # Optimisation: Adam, lr 0.01 (new parts) and 0.01 / 100 (ImageNet encoder), x0.1 after
+  # epochs 20 and 26 of 30, 6000 iterations per epoch, batch 16 (global), 512 crops.
+  config.batch_size = 16
+  config.crop_size = 512
+  config.learning_rate = 0.01
+  config.encoder_lr_divisor = 100.0
+  config.num_epochs = 30
+  config.steps_per_epoch = 6000
+  config.decay_epochs = (20, 26)
+  config.decay_factor = 0.1
+  config.num_train_steps = -1  # -1: num_epochs * steps_per_epoch
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "adobe"  # synthetic | adobe | d646 | folder | tfds
+  config.data.options = ml_collections.ConfigDict(dict(
+      root=config_dict.placeholder(str), background_dir=config_dict.placeholder(str),
+      backgrounds_per_foreground=100))
+
+  config.init = ml_collections.ConfigDict()
+  config.init.torchvision_resnet34 = ""  # a .pth / .npz of torchvision's resnet34 weights
+
+  # Validation: synthetic | alphamatting | folder | tfds (options as data_pipeline's
+  # synthetic_items / alphamatting_items / folder_items / tfds_items take).
+  config.validation = ml_collections.ConfigDict()
+  config.validation.source = "synthetic"
+  config.validation.options = ml_collections.ConfigDict(dict(count=8))
+  config.validation.batch_size = 1  # per host; rounded up to a multiple of the devices
+
+  config.log_every = 50
+  config.image_summary_every = 1000
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.eval_every = 6000
+  config.distributed = False  # jax.distributed.initialize() for multi-host runs
+  config.compilation_cache_dir = ""  # persistent XLA cache (speeds up restarts)
+  return config

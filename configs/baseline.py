@@ -1,0 +1,11 @@
+"""The paper's baseline network (stride-2 down, bilinear up), same recipe."""
+
+import ml_collections
+
+from configs import a2u_matting
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = a2u_matting.get_config()
+  config.model.resampler = "baseline"
+  return config

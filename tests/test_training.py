@@ -1,0 +1,237 @@
+"""Training: the loss, the optimiser groups and schedule, the step (jit vs pmap), the NaN
+guard, config errors, and resume after SIGKILL (train.py in a subprocess)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from a2u_jax import losses
+from a2u_jax.training import loop, state as state_lib, steps
+from configs import smoke
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CROP = 32
+
+
+def _reference_loss(pred, alpha, trimap, fg, bg, image):
+  """The authors' weighted_loss, transcribed to NumPy (NCHW sums per image)."""
+  mask = (trimap == 128).astype(np.float64)
+  count = mask.sum(axis=(1, 2, 3)) + 1
+  alpha_term = np.sqrt(((pred - alpha) * mask) ** 2 + 1e-12).sum(axis=(1, 2, 3)) / count
+  composite = pred * fg + (1 - pred) * bg
+  colour = np.sqrt(((composite - image) * mask) ** 2 + 1e-12).sum(axis=(1, 2, 3)) / count
+  return 0.5 * alpha_term.mean() + 0.5 * colour.mean()
+
+
+def test_loss_hand_case():
+  # One image, 2 pixels: the first unknown (error 0.5 in alpha), the second known.
+  pred = np.array([0.75, 0.2]).reshape(1, 1, 2, 1)
+  alpha = np.array([0.25, 1.0]).reshape(1, 1, 2, 1)
+  trimap = np.array([128, 255]).reshape(1, 1, 2, 1)
+  fg = np.ones((1, 1, 2, 3))
+  bg = np.zeros((1, 1, 2, 3))
+  image = alpha * fg  # composite of the true alpha
+  loss, parts = losses.matting_loss(*(jnp.asarray(a, jnp.float32) for a in
+                                      (pred, alpha, trimap, fg, bg, image)))
+  # Unknown pixel: |0.5| (+ eps); known pixel: the masked difference is 0 -> eps.
+  expected_alpha = (np.sqrt(0.25 + 1e-12) + 1e-6) / 2
+  np.testing.assert_allclose(parts["alpha_loss"], expected_alpha, rtol=1e-6)
+  np.testing.assert_allclose(parts["composition_loss"], 3 * expected_alpha, rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.5 * expected_alpha + 0.5 * 3 * expected_alpha, rtol=1e-6)
+
+
+def test_loss_matches_the_authors_formula_on_random_batches():
+  rng = np.random.default_rng(0)
+  shape = (3, 8, 9, 1)
+  pred, alpha = rng.random(shape) * 1.2 - 0.1, rng.random(shape)
+  trimap = rng.choice([0, 128, 255], shape)
+  fg, bg = rng.random((3, 8, 9, 3)), rng.random((3, 8, 9, 3))
+  image = alpha * fg + (1 - alpha) * bg
+  loss, _ = losses.matting_loss(*(jnp.asarray(a, jnp.float32) for a in
+                                  (pred, alpha, trimap, fg, bg, image)))
+  np.testing.assert_allclose(loss, _reference_loss(pred, alpha, trimap, fg, bg, image),
+                             rtol=1e-5)
+
+
+def _config(**overrides):
+  config = smoke.get_config()
+  config.crop_size = CROP
+  config.model.dropout_rate = 0.0  # identical dropout masks are impossible across layouts
+  config.update(overrides)
+  return config
+
+
+def test_learning_rate_groups_and_schedule():
+  config = _config(learning_rate=0.01, steps_per_epoch=100, decay_epochs=(2, 3))
+  schedules = state_lib.learning_rate_schedules(config)
+  for step, new in ((0, 0.01), (199, 0.01), (200, 0.001), (299, 0.001), (300, 1e-4)):
+    np.testing.assert_allclose(schedules["new"](step), new, rtol=1e-6)
+    np.testing.assert_allclose(schedules["encoder"](step), new / 100, rtol=1e-6)
+  assert state_lib.parameter_group(("layer2_1", "conv1")) == "encoder"
+  assert state_lib.parameter_group(("stem", "conv")) == "encoder"
+  for name in ("gen0", "aspp", "skip3", "stage2", "head", "head_out"):
+    assert state_lib.parameter_group((name,)) == "new"
+
+
+def _batch(rng, size):
+  alpha = rng.random((size, CROP, CROP, 1)).astype(np.float32)
+  fg = rng.random((size, CROP, CROP, 3)).astype(np.float32)
+  bg = rng.random((size, CROP, CROP, 3)).astype(np.float32)
+  trimap = rng.choice(np.array([0, 128, 255], np.uint8), (size, CROP, CROP, 1))
+  return {"image": alpha * fg + (1 - alpha) * bg, "fg": fg, "bg": bg, "alpha": alpha,
+          "trimap": trimap}
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  config = _config()
+  model = state_lib.model_from_config(config)
+  state = state_lib.create_train_state(config, jax.random.PRNGKey(0), model)
+  step = jax.jit(lambda s, b, r: steps.train_step(
+      s, b, r, learning_rates=state_lib.learning_rate_schedules(config)))
+  return config, state, step
+
+
+def test_train_step_reduces_the_loss_and_reports_learning_rates(single_device):
+  _, state, step = single_device
+  batch = _batch(np.random.default_rng(0), 4)
+  rng = jax.random.PRNGKey(1)
+  first, metrics = step(state, batch, rng)
+  assert bool(metrics["finite"]) and int(first.step) == 1
+  np.testing.assert_allclose(metrics["learning_rate/new"], 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(metrics["learning_rate/encoder"], 1e-5, rtol=1e-6)
+  current = first
+  for _ in range(3):
+    current, later = step(current, batch, rng)
+  assert float(later["loss"]) < float(metrics["loss"])
+  # Batch statistics are updated in train mode.
+  assert not np.allclose(first.batch_stats["stem"]["bn"]["mean"],
+                         state.batch_stats["stem"]["bn"]["mean"])
+
+
+def test_non_finite_loss_leaves_the_state_unchanged(single_device):
+  _, state, step = single_device
+  batch = _batch(np.random.default_rng(1), 4)
+  batch["fg"][0, 0, 0, 0] = np.nan
+  batch["trimap"][0, 0, 0, 0] = 128
+  new_state, metrics = step(state, batch, jax.random.PRNGKey(1))
+  assert not bool(metrics["finite"])
+  assert int(new_state.step) == int(state.step)
+  chex.assert_trees_all_equal(new_state.params, state.params)
+
+
+def test_two_devices_give_the_update_of_one_device_with_the_whole_batch(single_device):
+  config, state, step = single_device
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 (fake) devices; conftest sets XLA_FLAGS for 4")
+  batch = _batch(np.random.default_rng(2), 4)
+  rng = jax.random.PRNGKey(3)
+  expected, expected_metrics = step(state, batch, rng)
+
+  run = loop._Run(config, devices=jax.devices()[:2])  # the training loop's data parallelism
+  sharded_state = run.put(state.replace(apply_fn=run.model.apply))
+  got, got_metrics = run.train_step(sharded_state, run.shard(batch), run.put(rng))
+  assert got.params["stem"]["conv"]["kernel"].sharding.is_fully_replicated
+  np.testing.assert_allclose(got_metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(got_metrics["grad_norm"], expected_metrics["grad_norm"],
+                             rtol=1e-4)
+  # Adam's moments are linear (mu) and quadratic (nu) in the gradient: equal moments mean
+  # equal gradients. (The first Adam step itself, ~lr * sign(g), turns float noise in
+  # near-zero gradients into lr-sized differences, so parameters are no fair comparison.)
+  # Compared leaf by leaf in norm: summation orders differ between the layouts, and batch
+  # norm over 2x2 bottleneck maps amplifies float32 rounding. Merely reordering the batch
+  # on one device moves some leaves by 5e-3 in this setting; a wrong reduction (a missing
+  # or doubled device average) moves them by 100%.
+  relative = jax.tree.map(
+      lambda a, b: float(np.linalg.norm(np.ravel(a - b)) / (np.linalg.norm(np.ravel(b)) + 1e-12)),
+      jax.device_get(got.opt_state), jax.device_get(expected.opt_state))
+  worst = max(jax.tree.leaves(relative))
+  assert worst < 1e-2, worst
+  chex.assert_trees_all_close(jax.device_get(got.batch_stats),
+                              jax.device_get(expected.batch_stats), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": -1}, "config.batch_size must be a positive integer"),
+    ({"batch_size": 3}, "config.batch_size=3 is not divisible by the 4 devices"),
+    ({"crop_size": 40}, "config.crop_size must be a multiple of 16"),
+    ({"dtype": "float16"}, "config.dtype must be"),
+])
+def test_bad_config_values_name_the_field(override, message):
+  if "devices" in message and jax.device_count() != 4:
+    pytest.skip("message assumes conftest's 4 fake devices")
+  with pytest.raises(ValueError, match=message):
+    loop.validate_config(_config(**override))
+
+
+def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
+  config = _config()
+  config.data.source = "folder"
+  config.data.options = {"root": str(tmp_path / "nowhere")}
+  config.init.torchvision_resnet34 = str(tmp_path / "missing.pth")
+  with pytest.raises(ValueError, match="config.init.torchvision_resnet34: cannot read"):
+    loop.validate_config(config)
+  config.init.torchvision_resnet34 = ""
+  with pytest.raises(FileNotFoundError, match="fg_dir: folder .*nowhere/fg does not exist"):
+    loop.train_and_evaluate(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()  # nothing written before the data is valid
+
+
+# ------------------------------------------------------- train.py, end to end
+
+
+def _train(workdir, cache, *extra, wait=True):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+             str(workdir), f"--config.crop_size={CROP}", "--config.num_train_steps=6",
+             "--config.checkpoint_every=2", "--config.eval_every=0",
+             "--config.image_summary_every=0", f"--config.compilation_cache_dir={cache}",
+             *extra]
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return process
+  out, err = process.communicate(timeout=600)
+  assert process.returncode == 0, err[-3000:]
+  return out + err
+
+
+def _losses(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in records}
+
+
+def test_resume_after_sigkill_logs_the_same_losses(tmp_path):
+  cache = tmp_path / "xla_cache"
+  _train(tmp_path / "straight", cache)
+  straight = _losses(tmp_path / "straight")
+  assert sorted(straight) == list(range(1, 7))
+  assert (tmp_path / "straight" / "model" / "model.json").exists()
+
+  killed = tmp_path / "killed"
+  process = _train(killed, cache, wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline and process.poll() is None:
+    folder = killed / "checkpoints"
+    done = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+    if any(step >= 2 for step in done):
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (killed / "model").exists()  # it never finished
+
+  log = _train(killed, cache)
+  assert "resuming" in log
+  assert _losses(killed) == straight  # every step, bit for bit
