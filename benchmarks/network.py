@@ -35,7 +35,8 @@ except ImportError:  # The PyTorch rows are optional.
 if torch is not None:
 
   class ABN(tnn.Module):
-    """InPlaceABN in eval mode: BN with |weight| + eps, then LeakyReLU(0.01) if active."""
+    """InPlaceABN: BN with |weight| + eps, then LeakyReLU(0.01) if active (batch statistics
+    in train mode, running ones in eval mode)."""
 
     def __init__(self, channels: int, activation: bool = True):
       super().__init__()
@@ -48,7 +49,7 @@ if torch is not None:
 
     def forward(self, x):
       x = F.batch_norm(x, self.running_mean, self.running_var, self.weight.abs() + 1e-5,
-                       self.bias, False, 0.0, 1e-5)
+                       self.bias, self.training, 0.1, 1e-5)
       return F.leaky_relu(x, 0.01) if self.activation else x
 
   def conv_abn(cin, cout, k, *, dilation=1, groups=1, activation=True):

@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,10 @@ def test_data_pipeline_benchmark_prints_its_table():
              "--min-size", "100", "--max-size", "140", "--step-seconds", "0.5")
   assert "| synthetic, in memory |" in out and "needs 4.0 samples/s" in out
   assert "x |" in out
+
+
+@pytest.mark.slow  # compiles the full training step (~1 min on two cores)
+def test_train_step_benchmark_prints_its_table():
+  out = _run("benchmarks/train_step.py", "--cases", "32x2", "--repeats", "1")
+  assert "| 32x32, batch 2 | a2u_jax (float32, jit) |" in out
+  assert "PyTorch" in out

@@ -310,12 +310,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         _save(best, run.get(device_state), config, metrics=values)
         last.update({f"validation/{k}": v for k, v in values.items()})
   except KeyboardInterrupt:
-    host_state = run.get(device_state)
+    try:
+      host_state = run.get(device_state)
+    except RuntimeError:  # Interrupted inside the step: its donated input is gone.
+      log.warning("interrupted mid-step: the last checkpoint (step %s) stays; rerun to "
+                  "resume", latest.latest_step())
+      return last
     if int(host_state.step) != latest.latest_step():
       _save(latest, host_state, config)
     latest.wait_until_finished()
     log.warning("interrupted at step %d: checkpoint written, rerun to resume",
-                    int(host_state.step))
+                int(host_state.step))
     return last
   finally:
     bar.close()

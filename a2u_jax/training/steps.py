@@ -44,7 +44,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   metrics = {"loss": loss, **parts}
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)

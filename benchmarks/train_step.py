@@ -1,0 +1,159 @@
+"""One training step (forward, the authors' loss, backward, Adam): ours beside PyTorch.
+
+    python benchmarks/train_step.py [--cases 512x16 128x4] [--repeats 2] [--no-torch]
+
+Rows per case (crop size x batch): a2u_jax (the train step of train.py, jitted, float32,
+one device) and the PyTorch transcription of the authors' network from
+benchmarks/network.py in train mode with the same loss and Adam parameter groups (CPU;
+skipped without torch). Each row runs in its own process so its peak resident memory is
+its own. Columns: best-of-N step time, images/s, compile time, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import pathlib
+import resource
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _batch(crop: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  alpha = rng.random((size, crop, crop, 1)).astype(np.float32)
+  fg = rng.random((size, crop, crop, 3)).astype(np.float32)
+  bg = rng.random((size, crop, crop, 3)).astype(np.float32)
+  trimap = rng.choice(np.array([0, 128, 255], np.uint8), (size, crop, crop, 1))
+  return {"image": alpha * fg + (1 - alpha) * bg, "fg": fg, "bg": bg, "alpha": alpha,
+          "trimap": trimap}
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def jax_row(crop: int, size: int, repeats: int) -> dict:
+  sys.path.insert(0, str(ROOT))
+  import jax
+
+  from a2u_jax.training import loop, state as state_lib
+  from configs import a2u_matting
+
+  config = a2u_matting.get_config()
+  config.crop_size, config.batch_size = crop, size
+  run = loop._Run(config, devices=jax.devices()[:1])
+  state = run.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), run.model))
+  batch, rng = run.shard(_batch(crop, size)), run.put(jax.random.PRNGKey(1))
+  start = time.perf_counter()
+  compiled = run.train_step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return dict(seconds=min(times), compile=compile_s, rss=_peak_rss_gb())
+
+
+def torch_row(crop: int, size: int, repeats: int) -> dict:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import torch
+  from network import TorchA2UMatting
+
+  torch.manual_seed(0)
+  model = TorchA2UMatting().train()
+  groups = {"new": [], "encoder": []}
+  for name, parameter in model.named_parameters():
+    new = any(key in name for key in ("dconv", "pred", "short", "bconv", "bilinear"))
+    groups["new" if new else "encoder"].append(parameter)
+  optimizer = torch.optim.Adam([{"params": groups["new"]},
+                                {"params": groups["encoder"], "lr": 0.01 / 100}], lr=0.01)
+  batch = {k: torch.from_numpy(np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))))
+           for k, v in _batch(crop, size).items()}
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  inputs = torch.cat([(batch["image"] - mean) / std, batch["trimap"].float() / 255], 1)
+  mask = (batch["trimap"] == 128).float()
+
+  def step():
+    prediction = model(inputs)
+    count = mask.sum(dim=(2, 3)) + 1
+    alpha_loss = (torch.sqrt(((prediction - batch["alpha"]) * mask) ** 2 + 1e-12)
+                  .sum(dim=(2, 3)) / count).sum() / size
+    composite = prediction * batch["fg"] + (1 - prediction) * batch["bg"]
+    colour_loss = (torch.sqrt(((composite - batch["image"]) * mask) ** 2 + 1e-12)
+                   .sum(dim=(2, 3)) / count).sum() / size
+    loss = 0.5 * alpha_loss + 0.5 * colour_loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+  step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return dict(seconds=min(times), compile=None, rss=_peak_rss_gb(),
+              name=f"PyTorch {torch.__version__}")
+
+
+def _in_child(function, *args) -> dict:
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(1) as pool:
+    try:
+      return pool.apply(function, args)
+    except Exception as error:  # Shown in the table (e.g. out of memory), not fatal.
+      return {"error": f"{type(error).__name__}: {error}"[:80]}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--cases", nargs="+", default=["512x16", "128x4"],
+                      help="CROPxBATCH; crop a multiple of 16")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args(argv)
+  cases = []
+  for case in args.cases:
+    crop, _, size = case.partition("x")
+    if not (crop.isdigit() and size.isdigit()) or int(crop) % 16 or int(size) < 1:
+      parser.error(f"--cases: expected CROPxBATCH with CROP a multiple of 16, got {case!r}")
+    cases.append((int(crop), int(size)))
+  try:
+    import torch  # noqa: F401
+    have_torch = not args.no_torch
+  except ImportError:
+    have_torch = False
+
+  print("| case | implementation | step (s) | images/s | compile (s) | peak RSS (GB) |")
+  print("|---|---|---|---|---|---|")
+  for crop, size in cases:
+    rows = [("a2u_jax (float32, jit)", _in_child(jax_row, crop, size, args.repeats))]
+    if have_torch:
+      result = _in_child(torch_row, crop, size, args.repeats)
+      rows.append((result.pop("name", "PyTorch"), result))
+    else:
+      rows.append(("PyTorch", {"error": "skipped: torch not installed"}))
+    for name, r in rows:
+      if "error" in r:
+        print(f"| {crop}x{crop}, batch {size} | {name} | {r['error']} | | | |")
+        continue
+      compile_s = "" if r["compile"] is None else f"{r['compile']:.1f}"
+      print(f"| {crop}x{crop}, batch {size} | {name} | {r['seconds']:.2f} | "
+            f"{size / r['seconds']:.2f} | {compile_s} | {r['rss']:.1f} |", flush=True)
+    ours, theirs = rows[0][1], rows[1][1]
+    if "error" not in ours and "error" not in theirs:
+      print(f"|   | ours / PyTorch images/s | {theirs['seconds'] / ours['seconds']:.2f}x | | | |")
+
+
+if __name__ == "__main__":
+  main()
