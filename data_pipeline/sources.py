@@ -45,6 +45,14 @@ class Source:
   num_backgrounds: int
   backgrounds_per_foreground: int
 
+  def _describe(self, name: str, num_foregrounds: int, num_backgrounds: int,
+                backgrounds_per_foreground: int) -> None:
+    self.name = name
+    self.num_foregrounds = num_foregrounds
+    self.num_backgrounds = num_backgrounds
+    self.backgrounds_per_foreground = _check_positive("backgrounds_per_foreground",
+                                                      backgrounds_per_foreground)
+
   @property
   def epoch_length(self) -> int:
     """Examples per epoch: each foreground, backgrounds_per_foreground times."""
@@ -95,11 +103,7 @@ class ArraySource(Source):
       if bg.dtype != np.uint8 or bg.ndim != 3 or bg.shape[2] != 3:
         raise SourceError(f"{name}: background {i} must be (H, W, 3) uint8, got "
                           f"{bg.shape} {bg.dtype}")
-    self.name = name
-    self.num_foregrounds = len(foregrounds)
-    self.num_backgrounds = len(backgrounds)
-    self.backgrounds_per_foreground = _check_positive("backgrounds_per_foreground",
-                                                      backgrounds_per_foreground)
+    self._describe(name, len(foregrounds), len(backgrounds), backgrounds_per_foreground)
     self._foregrounds = _PackedImages(list(foregrounds))
     self._alphas = _PackedImages([alpha[..., None] for alpha in alphas])
     self._backgrounds = _PackedImages(list(backgrounds))
@@ -212,11 +216,7 @@ class FileSource(Source):
     if missing:
       raise SourceError(f"{name}: {len(missing)} background files do not exist, e.g. "
                         f"{missing[0]}")
-    self.name = name
-    self.num_foregrounds = len(foregrounds)
-    self.num_backgrounds = len(backgrounds)
-    self.backgrounds_per_foreground = _check_positive("backgrounds_per_foreground",
-                                                      backgrounds_per_foreground)
+    self._describe(name, len(foregrounds), len(backgrounds), backgrounds_per_foreground)
     self.foreground_paths = [str(p) for p in foregrounds]
     self.alpha_paths = [str(p) for p in alphas]
     self.background_paths = [str(p) for p in backgrounds]
@@ -357,11 +357,8 @@ class TfdsSource(Source):
     self.background_paths = [str(p) for p in _images_in(background_dir)]
     if not self.background_paths:
       raise SourceError(f"no backgrounds found in {background_dir}")
-    self.name = f"tfds({name})"
-    self.num_foregrounds = len(self._records)
-    self.num_backgrounds = len(self.background_paths)
-    self.backgrounds_per_foreground = _check_positive("backgrounds_per_foreground",
-                                                      backgrounds_per_foreground)
+    self._describe(f"tfds({name})", len(self._records), len(self.background_paths),
+                   backgrounds_per_foreground)
     self._bg = tf.constant(self.background_paths)
 
   def _encoded(self, index):

@@ -190,7 +190,8 @@ def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
 # ------------------------------------------------------- train.py, end to end
 
 
-def _train(workdir, cache, *extra, wait=True):
+def _train(workdir, cache, *extra):
+  """Starts train.py on the smoke config (one CPU device, 6 steps, checkpoints every 2)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
   command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
@@ -198,10 +199,11 @@ def _train(workdir, cache, *extra, wait=True):
              "--config.checkpoint_every=2", "--config.eval_every=0",
              "--config.image_summary_every=0", f"--config.compilation_cache_dir={cache}",
              *extra]
-  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  if not wait:
-    return process
+  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process) -> str:
   out, err = process.communicate(timeout=600)
   assert process.returncode == 0, err[-3000:]
   return out + err
@@ -214,13 +216,10 @@ def _losses(workdir):
 
 def test_resume_after_sigkill_logs_the_same_losses(tmp_path):
   cache = tmp_path / "xla_cache"
-  _train(tmp_path / "straight", cache)
-  straight = _losses(tmp_path / "straight")
-  assert sorted(straight) == list(range(1, 7))
-  assert (tmp_path / "straight" / "model" / "model.json").exists()
-
+  # The uninterrupted run and the one to be killed run side by side (two cores).
+  straight = _train(tmp_path / "straight", cache)
   killed = tmp_path / "killed"
-  process = _train(killed, cache, wait=False)
+  process = _train(killed, cache)
   deadline = time.time() + 600
   while time.time() < deadline and process.poll() is None:
     folder = killed / "checkpoints"
@@ -232,6 +231,11 @@ def test_resume_after_sigkill_logs_the_same_losses(tmp_path):
   process.wait()
   assert not (killed / "model").exists()  # it never finished
 
-  log = _train(killed, cache)
+  _finish(straight)
+  expected = _losses(tmp_path / "straight")
+  assert sorted(expected) == list(range(1, 7))
+  assert (tmp_path / "straight" / "model" / "model.json").exists()
+
+  log = _finish(_train(killed, cache))
   assert "resuming" in log
-  assert _losses(killed) == straight  # every step, bit for bit
+  assert _losses(killed) == expected  # every step, bit for bit
