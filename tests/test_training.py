@@ -191,15 +191,20 @@ def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
 
 
 def _train(workdir, cache, *extra):
-  """Starts train.py on the smoke config (one CPU device, 6 steps, checkpoints every 2)."""
+  """Starts train.py on the smoke config (one CPU device, 6 steps, checkpoints every 2).
+
+  It runs in the workdir's parent with the workdir given by name: a relative --workdir,
+  as `make demo` passes one.
+  """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
-  command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
-             str(workdir), f"--config.crop_size={CROP}", "--config.num_train_steps=6",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  command = [sys.executable, str(ROOT / "train.py"), "--config",
+             str(ROOT / "configs" / "smoke.py"), "--workdir", workdir.name,
+             f"--config.crop_size={CROP}", "--config.num_train_steps=6",
              "--config.checkpoint_every=2", "--config.eval_every=0",
              "--config.image_summary_every=0", f"--config.compilation_cache_dir={cache}",
              *extra]
-  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(command, cwd=workdir.parent, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 

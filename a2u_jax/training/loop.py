@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # Building the source validates the data (folders, pairs, sizes) before anything slow.
   source = data_pipeline.build_source(config.data.source, **config.data.options)
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
   if lead:
