@@ -222,9 +222,7 @@ def evaluate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
   batch_size = -(-batch_size // run.devices) * run.devices
   sads, mses = [], []
   for batch in data_pipeline.eval_batches(items, batch_size=batch_size):
-    sharded = run.shard({"image": batch["image"], "trimap": batch["trimap"]})
-    alpha = np.asarray(run.predict(state.replace(apply_fn=run.eval_model.apply),
-                                   sharded["image"], sharded["trimap"]))
+    alpha = _predict_host(run, state, batch)
     for i in np.flatnonzero(batch["valid"]):
       h, w = batch["height"][i], batch["width"][i]
       pred = np.round(alpha[i, :h, :w, 0] * 255.0)
