@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from a2u_jax import checkpointing, predict
+from a2u_jax import checkpointing, inputs, metrics, predict
 
 EXAMPLE_SEED = 2021
 EXAMPLE_SIZE = (160, 200)
@@ -36,18 +36,18 @@ def bundled_example() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def run(checkpoint: pathlib.Path, out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
   out_dir.mkdir(parents=True, exist_ok=True)
   image, trimap, true_alpha = bundled_example()
-  model, variables = checkpointing.load_model_checkpoint(checkpoint)
-  alpha = predict.predict_alpha(model, variables, image, trimap)
+  predictor = predict.Predictor(*checkpointing.load_model_checkpoint(checkpoint))
+  alpha = predict.predict_alpha(predictor, image, trimap)
+  alpha_8bit = inputs.quantize_alpha(alpha)
   paths = {name: out_dir / f"example_{name}.png"
            for name in ("image", "trimap", "alpha", "preview")}
   for name, array in (("image", image), ("trimap", trimap),
-                      ("alpha", np.round(alpha * 255.0).astype(np.uint8)),
+                      ("alpha", alpha_8bit),
                       ("preview", predict.preview(image, trimap, alpha))):
     tmp = paths[name].with_name(f".{paths[name].name}.tmp.png")
     Image.fromarray(array).save(tmp)
     tmp.replace(paths[name])
-  unknown = trimap == 128
-  sad = np.abs(alpha[unknown] - true_alpha[unknown] / 255.0).sum() / 1000.0
+  sad = metrics.sad(alpha_8bit, true_alpha, trimap)
   print(f"alpha: {paths['alpha']}\npreview: {paths['preview']}\n"
         f"SAD on the unknown region: {sad:.3f} (in thousands, as papers report it; a smoke run is only a few steps)")
   return paths

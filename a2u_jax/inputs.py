@@ -1,4 +1,5 @@
-"""The network's input encoding, shared by training, evaluation and prediction.
+"""The network's input encoding and output decoding, shared by training, evaluation and
+prediction.
 
 The authors feed the matting network four channels: the RGB composite normalised with the
 ImageNet mean and standard deviation, and the trimap divided by 255 (so 0, ~0.502, 1).
@@ -34,3 +35,18 @@ def model_inputs(image, trimap) -> jnp.ndarray:
   std = np.asarray(IMAGENET_STD, np.float32)
   rgb = (jnp.asarray(image, jnp.float32) - mean) / std
   return jnp.concatenate([rgb, jnp.asarray(trimap, jnp.float32) / 255.0], axis=-1)
+
+
+def postprocess_alpha(prediction, trimap) -> jnp.ndarray:
+  """The authors' post-processing of a raw prediction: clipped to [0, 1], then 0 where the
+  trimap is 0 and 1 where it is 255. Shapes (..., H, W, 1); NumPy or JAX, jit-able."""
+  alpha = jnp.clip(jnp.asarray(prediction, jnp.float32), 0.0, 1.0)
+  alpha = jnp.where(trimap == 0, 0.0, alpha)
+  return jnp.where(trimap == 255, 1.0, alpha)
+
+
+def quantize_alpha(alpha) -> np.ndarray:
+  """A [0, 1] alpha as the authors save it: float32 alpha * 255, truncated to uint8 (their
+  `astype(np.uint8)`); the published numbers are the MATLAB metrics of such PNGs."""
+  alpha = np.clip(np.asarray(alpha, np.float32), 0.0, 1.0)
+  return (alpha * np.float32(255)).astype(np.uint8)

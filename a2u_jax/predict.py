@@ -3,7 +3,8 @@
   python -m a2u_jax.predict --checkpoint DIR --image photo.png --trimap trimap.png [--out DIR]
   python -m a2u_jax.predict --checkpoint DIR --image photos/ --trimap trimaps/ --out DIR
 
-Writes NAME_alpha.png (same size as the input) and NAME_preview.png (input | trimap |
+Writes NAME_alpha.png (same size as the input; 8-bit, alpha * 255 truncated as the authors
+save it, so it equals `a2u_jax.evaluate`'s output) and NAME_preview.png (input | trimap |
 alpha | composite on a checkerboard). Trimap values must be 0, 128 or 255; with
 --round-trimap other values are mapped to the nearest of the three. Input files are never
 overwritten.
@@ -15,10 +16,9 @@ import argparse
 import functools
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -29,8 +29,55 @@ TRIMAP_VALUES = np.array([0, 128, 255])
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def predict_alpha(model, variables: dict[str, Any], image: np.ndarray, trimap: np.ndarray
-                  ) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _pmapped_forward(model, devices: tuple) -> tuple[Callable, list[int]]:
+  """One pmapped eval-mode forward per (model, devices), shared by every `Predictor` of
+  that model (modules are hashable), with its trace counter."""
+  traces = [0]
+
+  def forward(variables, image, trimap):
+    traces[0] += 1
+    prediction = model.apply(variables, inputs.model_inputs(image, trimap), train=False)
+    return inputs.postprocess_alpha(prediction, trimap)
+
+  return jax.pmap(forward, in_axes=(None, 0, 0), devices=list(devices)), traces
+
+
+class Predictor:
+  """Eval-mode alphas for padded batches, split over `devices` with `jax.pmap`.
+
+  Call with image float32 (B, H, W, 3) in [0, 1] and trimap uint8 (B, H, W, 1), H and W
+  multiples of 16, B a multiple of the device count; returns the post-processed alphas
+  (clipped, known trimap regions restored), float32 (B, H, W, 1), on the host. Each input
+  shape compiles once per model and device set; `compilations` counts them.
+  """
+
+  def __init__(self, model, variables: dict[str, Any],
+               devices: Sequence[jax.Device] | None = None):
+    self.devices = tuple(devices or jax.local_devices()[:1])
+    self._forward, self._traces = _pmapped_forward(model, self.devices)
+    mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
+    # Placed once, replicated: pmap then uses these buffers without copying per call.
+    self.variables = jax.device_put(
+        variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  @property
+  def compilations(self) -> int:
+    return self._traces[0]
+
+  def __call__(self, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
+    count = len(self.devices)
+    if image.shape[0] % count:
+      raise ValueError(f"a batch of {image.shape[0]} does not split over {count} devices")
+
+    def split(x):
+      return x.reshape((count, x.shape[0] // count) + x.shape[1:])
+
+    alpha = self._forward(self.variables, split(image), split(trimap))
+    return np.asarray(alpha).reshape(image.shape[:-1] + (1,))
+
+
+def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
   """Alpha in [0, 1], (H, W) float32, by the authors' evaluation procedure.
 
   image: (H, W, 3) uint8 RGB; trimap: (H, W) uint8 in {0, 128, 255}. The input is
@@ -40,25 +87,11 @@ def predict_alpha(model, variables: dict[str, Any], image: np.ndarray, trimap: n
   height, width = trimap.shape
   padded_h, padded_w = -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
   pad = ((0, padded_h - height), (0, padded_w - width))
-  x = inputs.model_inputs(
-      np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")[None],
-      np.pad(trimap, pad, mode="reflect")[None, ..., None])
-  alpha = _apply(model, variables, x)[0, :height, :width, 0]
-  alpha = np.clip(np.asarray(alpha), 0.0, 1.0)
-  alpha[trimap == 0] = 0.0
-  alpha[trimap == 255] = 1.0
-  return alpha
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_apply(model):
-  """One jitted function per model (modules are hashable), so images of one padded shape
-  compile once."""
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
-
-
-def _apply(model, variables, x):
-  return _jitted_apply(model)(variables, jnp.asarray(x))
+  image = np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")
+  trimap = np.pad(trimap, pad, mode="reflect")[..., None]
+  batch = len(predictor.devices)
+  alpha = predictor(np.repeat(image[None], batch, 0), np.repeat(trimap[None], batch, 0))
+  return alpha[0, :height, :width, 0]
 
 
 def checkerboard(height: int, width: int, cell: int = 16) -> np.ndarray:
@@ -143,14 +176,14 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   try:
     pairs = _pairs(args.image, args.trimap)
-    model, variables = checkpointing.load_model_checkpoint(args.checkpoint)
+    predictor = Predictor(*checkpointing.load_model_checkpoint(args.checkpoint))
     args.out.mkdir(parents=True, exist_ok=True)
     protected = {p.resolve() for pair in pairs for p in pair}
     for image_path, trimap_path in pairs:
       image, trimap = read_pair(image_path, trimap_path, args.round_trimap)
-      alpha = predict_alpha(model, variables, image, trimap)
+      alpha = predict_alpha(predictor, image, trimap)
       alpha_path = args.out / f"{image_path.stem}_alpha.png"
-      _write_png(alpha_path, np.round(alpha * 255.0).astype(np.uint8), protected)
+      _write_png(alpha_path, inputs.quantize_alpha(alpha), protected)
       _write_png(args.out / f"{image_path.stem}_preview.png", preview(image, trimap, alpha),
                  protected)
       print(f"{image_path} -> {alpha_path}")

@@ -148,7 +148,7 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
   Buckets come in order of first appearance; inside a bucket, items keep their order.
 
   Each batch: `image` float32 (B, Hp, Wp, 3) in [0, 1]; `trimap` uint8 (B, Hp, Wp, 1);
-  `alpha` uint8 (B, Hp, Wp, 1) (zeros when the set has no alpha); `height`, `width` int32 (B,)
+  `alpha` uint8 (B, Hp, Wp, 1) (zeros where `has_alpha`, bool (B,), is False); `height`, `width` int32 (B,)
   the original sizes (crop the prediction to [:height, :width]); `valid` bool (B,) (False
   for the copies that fill the last batch of a bucket); `name` list of str.
 
@@ -172,12 +172,14 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
     if image.shape[:2] != (item.height, item.width) or trimap.shape != image.shape[:2]:
       raise SourceError(f"{item.name}: image {image.shape[:2]} and trimap {trimap.shape} "
                         f"do not have the announced size {(item.height, item.width)}")
-    if alpha is None:
+    has_alpha = alpha is not None
+    if not has_alpha:
       alpha = np.zeros_like(trimap)
     elif alpha.shape != trimap.shape:
       raise SourceError(f"{item.name}: alpha {alpha.shape} and trimap {trimap.shape} differ")
     return (reflect_pad(image.astype(np.float32) / 255.0, *shape),
-            reflect_pad(trimap, *shape)[..., None], reflect_pad(alpha, *shape)[..., None])
+            reflect_pad(trimap, *shape)[..., None], reflect_pad(alpha, *shape)[..., None],
+            has_alpha)
 
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for shape, bucket in buckets.items():
@@ -190,6 +192,7 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
             "image": np.stack([a[0] for a in arrays]),
             "trimap": np.stack([a[1] for a in arrays]),
             "alpha": np.stack([a[2] for a in arrays]),
+            "has_alpha": np.array([a[3] for a in arrays]),
             "height": np.array([item.height for item in chunk], np.int32),
             "width": np.array([item.width for item in chunk], np.int32),
             "valid": np.array(valid),

@@ -1,5 +1,6 @@
 """Test set-up: four fake CPU devices for pmap tests, and the ../shared fixtures."""
 
+import json
 import os
 import pathlib
 
@@ -31,3 +32,31 @@ def reassembly_reference():
 def matting_reference():
   """The authors' matting network with randomised weights, its input, output, internals."""
   return dict(np.load(_shared_file("reference/a2u_matting_share_seed0.npz")))
+
+
+def random_torch_state_dict(share: str, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random values for every key of the authors' checkpoint ("share" or "unshare"), named
+  and shaped as their PyTorch code holds them (module.-prefixed)."""
+  keys = json.loads(_shared_file(f"reference/official_checkpoint_keys_{share}.json").read_text())
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, shape in keys.items():
+    if key.endswith("num_batches_tracked"):
+      state[f"module.{key}"] = np.array(7, np.int64)
+    elif key.endswith("running_var"):
+      state[f"module.{key}"] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    else:
+      state[f"module.{key}"] = (0.1 * rng.normal(size=shape)).astype(np.float32)
+  return state
+
+
+@pytest.fixture(scope="session")
+def converted_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A model checkpoint made by the converter CLI from a random authors'-format state dict."""
+  from a2u_jax import convert
+
+  folder = tmp_path_factory.mktemp("converted")
+  source = folder / "random_share.npz"
+  np.savez(source, **{f"state_dict/{k}": v for k, v in random_torch_state_dict("share").items()})
+  convert.main(["--torch", str(source), "--out", str(folder / "model")])
+  return folder / "model"

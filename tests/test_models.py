@@ -1,6 +1,5 @@
 """The matting network: sizes, the authors' outputs, conversion, CLI, compilation."""
 
-import json
 
 import chex
 import jax
@@ -10,9 +9,8 @@ import pytest
 
 from a2u_jax import checkpointing, convert, models
 from a2u_jax.models import blocks
-from tests.conftest import SHARED
+from tests.conftest import random_torch_state_dict
 
-KEYS_FILE = SHARED / "reference" / "official_checkpoint_keys_{}.json"
 
 
 def _nhwc(x):
@@ -27,23 +25,6 @@ def _param_count(model):
 def _reference_state_dict(matting_reference):
   return {k[len("state_dict/"):]: v for k, v in matting_reference.items()
           if k.startswith("state_dict/")}
-
-
-def _random_state_dict(share: str, seed: int = 0):
-  """Random values for every official key (as the authors' code would hold them)."""
-  path = KEYS_FILE.with_name(KEYS_FILE.name.format(share))
-  if not path.exists():
-    pytest.skip(f"needs {path} (shared reference data)")
-  rng = np.random.default_rng(seed)
-  state = {}
-  for key, shape in json.loads(path.read_text()).items():
-    if key.endswith("num_batches_tracked"):
-      state[f"module.{key}"] = np.array(7, np.int64)
-    elif key.endswith("running_var"):
-      state[f"module.{key}"] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-    else:
-      state[f"module.{key}"] = (0.1 * rng.normal(size=shape)).astype(np.float32)
-  return state
 
 
 @pytest.mark.parametrize("model,expected", [(models.a2u_matting(), 8_089_235),
@@ -84,7 +65,7 @@ def test_converted_reference_reproduces_authors_output_and_intermediates(matting
 
 
 def test_unshare_checkpoint_converts_and_runs():
-  state = _random_state_dict("unshare")
+  state = random_torch_state_dict("unshare")
   assert convert.detect_model_config(state) == {"resampler": "a2u", "share": False}
   variables = convert.from_torch_state_dict({"state_dict": state})
   out = jax.jit(models.a2u_matting(share=False).apply)(variables, jnp.ones((1, 32, 48, 4)))
@@ -93,7 +74,7 @@ def test_unshare_checkpoint_converts_and_runs():
 
 
 def test_conversion_reports_unknown_missing_and_misshaped_keys():
-  state = _random_state_dict("share")
+  state = random_torch_state_dict("share")
   state["module.extra.weight"] = np.zeros(3, np.float32)
   del state["module.layer1.block1.convs.conv1.weight"]
   state["module.pred.1.weight"] = np.zeros((1, 1, 5, 5), np.float32)
@@ -124,7 +105,7 @@ def test_cli_round_trip_and_refusal_to_overwrite(tmp_path, matting_reference):
 
 def test_cli_round_trip_through_a_pth_file(tmp_path):
   torch = pytest.importorskip("torch", reason="writing a .pth needs torch (extra 'torch')")
-  state = _random_state_dict("share", seed=3)
+  state = random_torch_state_dict("share", seed=3)
   path = tmp_path / "model_best.pth"
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
   convert.main(["--torch", str(path), "--out", str(tmp_path / "ckpt")])

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from a2u_jax import checkpointing, metrics as matting_metrics
+from a2u_jax import checkpointing, inputs, metrics as matting_metrics
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 
@@ -225,11 +225,11 @@ def evaluate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
     alpha = _predict_host(run, state, batch)
     for i in np.flatnonzero(batch["valid"]):
       h, w = batch["height"][i], batch["width"][i]
-      pred = np.round(alpha[i, :h, :w, 0] * 255.0)
+      pred = inputs.quantize_alpha(alpha[i, :h, :w, 0])
       gt, tri = batch["alpha"][i, :h, :w, 0], batch["trimap"][i, :h, :w, 0]
       sads.append(matting_metrics.sad(pred, gt, tri))
       mses.append(matting_metrics.mse(pred, gt, tri))
-  return {"sad": float(np.mean(sads)), "mse": float(np.mean(mses))}
+  return {"sad": float(np.mean(sads)), "mse": float(np.nanmean(mses))}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

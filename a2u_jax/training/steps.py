@@ -60,10 +60,4 @@ def predict_step(state: TrainState, image: jax.Array, trimap: jax.Array) -> jax.
   x = inputs.model_inputs(image, trimap)
   prediction = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                               x, train=False)
-  return restore_known(jnp.clip(prediction, 0.0, 1.0), trimap)
-
-
-def restore_known(alpha: jax.Array, trimap: jax.Array) -> jax.Array:
-  """Sets the trimap's definite regions: 0 where it is 0, 1 where it is 255."""
-  alpha = jnp.where(trimap == 0, 0.0, alpha)
-  return jnp.where(trimap == 255, 1.0, alpha)
+  return inputs.postprocess_alpha(prediction, trimap)

@@ -1,0 +1,279 @@
+"""Evaluate a matting checkpoint on a test set with the authors' protocol, on all devices.
+
+  python -m a2u_jax.evaluate --checkpoint DIR --data alphamatting --data-dir PATH --out DIR
+  python -m a2u_jax.evaluate --checkpoint DIR --data composition1k --data-dir TFDS_DIR ...
+
+Data (`--data`): `synthetic` (built in, no download), `folder` (DATA_DIR/image, trimap and
+optionally alpha, matched by file stem), `alphamatting` (alphamatting.com layout:
+image_XX / trimap_XX / alpha_XX in one folder; `--trimap-prefix trimap2` picks the other
+trimap set), `composition1k` and `distinctions646` (prepared TFDS builders in DATA_DIR).
+
+Every image is evaluated whole, as in the authors' `scripts/test.py`: reflect-padded at the
+bottom/right to a multiple of 16, run in eval mode, cropped back, clipped to [0, 1], the
+trimap's known regions restored, and multiplied by 255 and truncated to uint8 (their
+`astype(np.uint8)`). The metrics are computed on exactly those saved 8-bit alphas, with the
+MATLAB semantics of `a2u_jax.metrics`, so running the authors' MATLAB scripts on OUT/alpha
+gives the same numbers.
+
+Images are grouped by padded shape; each group runs through one `jax.pmap` over the local
+devices, with the last batch of a group filled by masked copies so that nothing is
+counted twice or dropped. There is one compilation per shape group.
+
+Outputs, in --out: alpha/NAME.png (8-bit alpha, the input's size), metrics.csv (one row per
+image: name, height, width, sad, mse, grad, conn) and run.json (what was evaluated). Every
+file is complete when it appears. With --resume, images that already have a row in
+metrics.csv and a PNG are skipped; without it, an --out that holds results is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from a2u_jax import checkpointing, inputs, metrics, predict
+
+ALPHA_DIR = "alpha"
+METRICS_CSV = "metrics.csv"
+RUN_JSON = "run.json"
+CSV_COLUMNS = ("name", "height", "width", "sad", "mse", "grad", "conn")
+DATA_KINDS = ("synthetic", "folder", "alphamatting", "composition1k", "distinctions646")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def load_items(data: str, data_dir: str | None = None, *, trimap_prefix: str = "trimap",
+               count: int = 8) -> list:
+  """Evaluation items (data_pipeline.EvalItem) for a `--data` kind."""
+  import data_pipeline
+
+  if data not in DATA_KINDS:
+    raise ValueError(f"--data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
+  if data == "synthetic":
+    return data_pipeline.synthetic_items(count=count)
+  if not data_dir:
+    raise ValueError(f"--data {data} needs --data-dir")
+  if data == "folder":
+    return data_pipeline.folder_items(data_dir)
+  if data == "alphamatting":
+    return data_pipeline.alphamatting_items(data_dir, trimap=trimap_prefix)
+  return data_pipeline.tfds_items(data, data_dir)
+
+
+def _file_stem(name: str) -> str:
+  stem = name[:-len(pathlib.Path(name).suffix)] if name.lower().endswith(IMAGE_SUFFIXES) else name
+  if not stem or stem.startswith(".") or "/" in stem or "\\" in stem:
+    raise ValueError(f"image name {name!r} cannot be used as a file name")
+  return stem
+
+
+def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
+  staging = path.with_name(f".{path.name}.partial.png")
+  Image.fromarray(array).save(staging)
+  staging.replace(path)
+
+
+def _read_done(csv_path: pathlib.Path, alpha_dir: pathlib.Path) -> dict[str, dict[str, str]]:
+  """Rows of a previous run whose PNG exists; rewrites the CSV without any other row (a
+  torn last line, or a row whose PNG is gone)."""
+  if not csv_path.exists():
+    return {}
+  text = csv_path.read_text()
+  complete = text if text.endswith("\n") else text[:text.rfind("\n") + 1]
+  rows = list(csv.DictReader(complete.splitlines()))
+  if rows and tuple(rows[0]) != CSV_COLUMNS:
+    raise ValueError(f"{csv_path}: unexpected columns {tuple(rows[0])}, expected "
+                     f"{CSV_COLUMNS}; not a metrics file of this tool")
+  done = {row["name"]: row for row in rows
+          if (alpha_dir / f"{_file_stem(row['name'])}.png").exists()}
+  _write_csv(csv_path, done.values())
+  return done
+
+
+def _write_csv(path: pathlib.Path, rows) -> None:
+  staging = path.with_name(f".{path.name}.partial")
+  with staging.open("w", newline="") as f:
+    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  staging.replace(path)
+
+
+def _format(value: float) -> str:
+  return "" if value is None else repr(float(value))
+
+
+def _score(name: str, alpha: np.ndarray, gt: np.ndarray | None, trimap: np.ndarray
+           ) -> dict[str, str]:
+  row = {"name": name, "height": str(alpha.shape[0]), "width": str(alpha.shape[1])}
+  values = metrics.all_metrics(alpha, gt, trimap) if gt is not None else {}
+  row.update({key: _format(values.get(key)) for key in metrics.METRICS})
+  return row
+
+
+def summarize(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
+  """Means over the rows that have ground truth; MSE leaves out images without unknown
+  pixels (their MSE is nan). Returns the means and the names left out."""
+  scored = [row for row in rows if row["sad"] != ""]
+  summary: dict[str, Any] = {"images": len(rows), "scored": len(scored)}
+  for key in metrics.METRICS:
+    values = np.array([float(row[key]) for row in scored])
+    finite = values[np.isfinite(values)]
+    summary[key] = float(finite.mean()) if finite.size else math.nan
+  summary["no_unknown"] = [row["name"] for row in scored if math.isnan(float(row["mse"]))]
+  return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  """The papers' layout: SAD, MSE, Grad, Conn."""
+  header = f"{'images':>7} {'SAD':>8} {'MSE':>8} {'Grad':>8} {'Conn':>8}"
+  row = (f"{summary['scored']:>7} {summary['sad']:>8.2f} {summary['mse']:>8.4f} "
+         f"{summary['grad']:>8.2f} {summary['conn']:>8.2f}")
+  return f"{header}\n{row}"
+
+
+def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | os.PathLike, *,
+             devices: Sequence[jax.Device] | None = None, batch_per_device: int = 1,
+             resume: bool = False, run_info: dict[str, Any] | None = None,
+             progress: bool = True, predictor: predict.Predictor | None = None
+             ) -> dict[str, Any]:
+  """Predicts, saves and scores every item; returns `summarize` of all rows of the CSV
+  (with "compilations" and "seconds" added).
+
+  Args:
+    model, variables: from `checkpointing.load_model_checkpoint`.
+    items: `data_pipeline.EvalItem`s (see `load_items`).
+    out_dir: where alpha/, metrics.csv and run.json go.
+    devices: local devices to split batches over (default: all local devices).
+    batch_per_device: images per device per step.
+    resume: skip images already in metrics.csv; without it a used out_dir is refused.
+    run_info: what is being evaluated (checkpoint, data); a resumed run must match it.
+    predictor: reuse a `predict.Predictor` (and its compilations) across calls.
+  """
+  import data_pipeline
+  from tqdm import tqdm
+
+  if batch_per_device < 1:
+    raise ValueError(f"batch_per_device must be >= 1, got {batch_per_device}")
+  out_dir = pathlib.Path(out_dir)
+  alpha_dir, csv_path, info_path = out_dir / ALPHA_DIR, out_dir / METRICS_CSV, out_dir / RUN_JSON
+  run_info = dict(run_info or {})
+  if not resume and (csv_path.exists() or (alpha_dir.is_dir() and any(alpha_dir.iterdir()))):
+    raise ValueError(f"{out_dir} already holds results; pass --resume to continue that run "
+                     f"or choose another --out")
+  if resume and info_path.exists():
+    previous = json.loads(info_path.read_text())
+    if previous != run_info:
+      raise ValueError(f"{info_path}: the results there are for {previous}, not "
+                       f"{run_info}; choose another --out")
+  names = [item.name for item in items]
+  if len(set(names)) != len(names):
+    raise ValueError("evaluation items have duplicate names")
+  stems = {item.name: _file_stem(item.name) for item in items}
+  alpha_dir.mkdir(parents=True, exist_ok=True)
+  info_path.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+  done = _read_done(csv_path, alpha_dir) if resume else {}
+  if not done:
+    _write_csv(csv_path, [])
+  todo = [item for item in items if item.name not in done]
+
+  if predictor is None:
+    predictor = predict.Predictor(model, variables, devices or jax.local_devices())
+  compilations_before = predictor.compilations
+  batch_size = batch_per_device * len(predictor.devices)
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
+      csv_path.open("a", newline="") as csv_file, \
+      tqdm(total=len(items), initial=len(done), desc="evaluate", unit="image",
+           disable=not progress) as bar:
+    writer = csv.DictWriter(csv_file, CSV_COLUMNS)
+    pending: list[concurrent.futures.Future] = []
+
+    def finish(future):
+      writer.writerow(future.result())
+      csv_file.flush()
+      bar.update()
+
+    def save_and_score(name, alpha, gt, trimap):
+      _write_png(alpha_dir / f"{stems[name]}.png", alpha)
+      return _score(name, alpha, gt, trimap)
+
+    if todo:
+      for batch in data_pipeline.eval_batches(todo, batch_size=batch_size):
+        alphas = predictor(batch["image"], batch["trimap"])
+        for i in np.flatnonzero(batch["valid"]):
+          h, w = int(batch["height"][i]), int(batch["width"][i])
+          name = batch["name"][i]
+          pending.append(pool.submit(
+              save_and_score, name, inputs.quantize_alpha(alphas[i, :h, :w, 0]),
+              batch["alpha"][i, :h, :w, 0] if batch["has_alpha"][i] else None,
+              batch["trimap"][i, :h, :w, 0]))
+        while pending and pending[0].done():
+          finish(pending.pop(0))
+      for future in pending:
+        finish(future)
+
+  summary = summarize(_read_done(csv_path, alpha_dir).values())
+  summary["compilations"] = predictor.compilations - compilations_before
+  summary["seconds"] = time.perf_counter() - start
+  return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
+                      help="model checkpoint folder (train.py's WORKDIR/model, or "
+                           "python -m a2u_jax.convert's output)")
+  parser.add_argument("--data", required=True, choices=DATA_KINDS)
+  parser.add_argument("--data-dir", help="folder of the test set (not for synthetic)")
+  parser.add_argument("--trimap-prefix", default="trimap",
+                      help="alphamatting layout: trimap file prefix (trimap or trimap2)")
+  parser.add_argument("--count", type=int, default=8, help="synthetic: number of images")
+  parser.add_argument("--out", required=True, type=pathlib.Path)
+  parser.add_argument("--batch-per-device", type=int, default=1)
+  parser.add_argument("--devices", type=int, default=None,
+                      help="use the first N local devices (default: all)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue a run in --out, skipping images already scored")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    devices = jax.local_devices()
+    if args.devices is not None:
+      if not 1 <= args.devices <= len(devices):
+        raise ValueError(f"--devices must be in 1..{len(devices)}, got {args.devices}")
+      devices = devices[:args.devices]
+    items = load_items(args.data, args.data_dir, trimap_prefix=args.trimap_prefix,
+                       count=args.count)
+    model, variables = checkpointing.load_model_checkpoint(args.checkpoint)
+    run_info = {"checkpoint": str(args.checkpoint.resolve()), "data": args.data,
+                "data_dir": None if args.data_dir is None else str(pathlib.Path(
+                    args.data_dir).resolve()),
+                "trimap_prefix": args.trimap_prefix if args.data == "alphamatting" else None,
+                "count": args.count if args.data == "synthetic" else None}
+    summary = evaluate(model, variables, items, args.out, devices=devices,
+                       batch_per_device=args.batch_per_device, resume=args.resume,
+                       run_info=run_info, progress=not args.no_progress)
+  except (ValueError, FileNotFoundError) as error:
+    sys.exit(f"error: {error}")
+  print(format_table(summary))
+  if summary["no_unknown"]:
+    print(f"MSE mean leaves out {len(summary['no_unknown'])} images without unknown pixels: "
+          f"{', '.join(summary['no_unknown'][:5])}")
+  print(f"{summary['images']} images ({summary['images'] - summary['scored']} without ground "
+        f"truth) in {args.out}; {summary['compilations']} compilations, "
+        f"{summary['seconds']:.1f} s on {len(devices)} device(s)")
+
+
+if __name__ == "__main__":
+  main()
