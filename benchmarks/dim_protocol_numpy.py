@@ -3,7 +3,7 @@
 A transcription of the Deep Image Matting protocol as the authors' PyTorch `DataGenerator`
 runs it (merge, 640 resize, RandomAffine, RandomHorizontalFlip, GenTrimap, RandomCrop,
 RandomJitter, Composite), in RGB order. It serves two purposes: the baseline that
-`benchmarks/data_pipeline.py` times in a process pool, and the independent formulation that
+`benchmarks/input_pipeline.py` times in a process pool, and the independent formulation that
 the tests compare the tf.data pipeline with (any decision can be forced through `given`).
 Needs OpenCV.
 """

@@ -4,7 +4,12 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from a2u_jax import metrics
+from tests.conftest import SHARED
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +37,7 @@ def test_network_benchmark_checks_the_pytorch_transcription_and_prints_its_table
 
 
 def test_data_pipeline_benchmark_prints_its_table():
-  out = _run("benchmarks/data_pipeline.py", "--samples", "4", "--batch", "2", "--crop", "64",
+  out = _run("benchmarks/input_pipeline.py", "--samples", "4", "--batch", "2", "--crop", "64",
              "--min-size", "100", "--max-size", "140", "--step-seconds", "0.5")
   assert "| synthetic, in memory |" in out and "needs 4.0 samples/s" in out
   assert "x |" in out
@@ -43,3 +48,19 @@ def test_train_step_benchmark_prints_its_table():
   out = _run("benchmarks/train_step.py", "--cases", "32x2", "--repeats", "1")
   assert "| 32x32, batch 2 | a2u_jax (float32, jit) |" in out
   assert "PyTorch" in out
+
+
+def test_classical_baseline_scores_what_it_writes(tmp_path):
+  photos = SHARED / "data" / "alphamatting_lowres"
+  if not photos.is_dir():
+    pytest.skip(f"needs {photos} (shared real photographs)")
+  pytest.importorskip("pymatting")
+  out = _run("benchmarks/classical_baseline.py", "--data-dir", str(photos), "--limit", "1",
+             "--methods", "cf", "--out", str(tmp_path))
+  row = next(line for line in out.splitlines() if line.startswith("closed-form"))
+  sad = float(row.split()[-5])
+  alpha = np.asarray(Image.open(tmp_path / "cf" / "image_01.png"))
+  gt = np.asarray(Image.open(photos / "alpha_01.png").convert("L"))
+  trimap = np.asarray(Image.open(photos / "trimap_01.png").convert("L"))
+  assert sad == pytest.approx(metrics.sad(alpha, gt, trimap), abs=0.005)
+  assert 0 < sad < 10  # closed-form matting gets close on this photo (about 2.7)

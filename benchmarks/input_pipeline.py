@@ -9,7 +9,7 @@ The baseline runs in a multiprocessing pool with one worker per core, the way th
 DataLoader runs; its workers return only a checksum, so it is not charged for handing the
 arrays back (ours is: it yields NumPy batches). Prints one table.
 
-  python benchmarks/data_pipeline.py [--samples 64] [--crop 512] [--gpu-tflops 100]
+  python benchmarks/input_pipeline.py [--samples 64] [--crop 512] [--gpu-tflops 100]
 
 --gpu-tflops T also prints how many samples/s a GPU sustaining T TFLOP/s on the A2U
 network's training step consumes (FLOPs per crop from XLA's cost analysis of one
@@ -23,18 +23,14 @@ import importlib.util
 import multiprocessing
 import os
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-# This script shares its name with the package it measures: take its folder off the path.
-_HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import data_pipeline
+from data_pipeline import synthetic
 
-import data_pipeline  # noqa: E402
-from data_pipeline import synthetic  # noqa: E402
+_HERE = pathlib.Path(__file__).resolve().parent
 
 _spec = importlib.util.spec_from_file_location("dim_protocol_numpy",
                                                _HERE / "dim_protocol_numpy.py")
