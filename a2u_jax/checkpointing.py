@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -26,6 +27,9 @@ VARIABLES_DIR = "variables"
 
 def build_model(model_config: dict[str, Any]) -> models.MattingNet:
   """`MattingNet` from a model.json dict (keys: resampler and MattingNet attributes)."""
+  model_config = dict(model_config)
+  if model_config.get("resampler_options") is not None:  # hashable, like every attribute
+    model_config["resampler_options"] = flax.core.FrozenDict(model_config["resampler_options"])
   return models.MattingNet(**model_config)
 
 

@@ -1,6 +1,6 @@
 """Classical affinity-based matting (PyMatting) scored with our MATLAB-exact metrics.
 
-    pip install -e ".[classical]"      # pymatting (and numba)
+    pip install -e ".[bench]"          # pymatting (and numba)
     python benchmarks/classical_baseline.py [--data-dir ../shared/data/alphamatting_lowres]
         [--methods cf knn] [--checkpoint DIR] [--limit N] [--out DIR]
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     import pymatting  # noqa: F401
   except ImportError:
-    sys.exit('error: pymatting is not installed; pip install -e ".[classical]"')
+    sys.exit('error: pymatting is not installed; pip install -e ".[bench]"')
   try:
     data = _items(args)
   except ValueError as error:

@@ -209,3 +209,22 @@ def test_abn_matches_its_definition_in_both_modes():
 def test_bad_network_input(shape, message):
   with pytest.raises(ValueError, match=message):
     models.a2u_matting().init(jax.random.key(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("name,added", [
+    ("fade", {"up0", "up1", "up2", "up3"}),        # upsampling only, guided
+    ("dysample", {"up0", "up1", "up2", "up3"}),    # upsampling only
+    ("indexnet", {"gen0", "gen1", "gen2", "gen3"}),  # its own downsampling hands the index
+])
+def test_any_operator_of_the_family_drops_into_the_network(name, added):
+  x = jax.ShapeDtypeStruct((1, 64, 96, 4), jnp.float32)
+  model = models.MattingNet(resampler=name)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  out = jax.eval_shape(model.apply, variables, x)
+  chex.assert_shape(out, (1, 64, 96, 1))
+  baseline = jax.eval_shape(models.baseline_matting().init, jax.random.key(0), x)
+  assert set(variables["params"]) - set(baseline["params"]) == added
+  # Everything else is the baseline network, parameter for parameter.
+  shared = {k: v for k, v in variables["params"].items() if k not in added}
+  assert (jax.tree.map(lambda v: v.shape, shared)
+          == jax.tree.map(lambda v: v.shape, baseline["params"]))

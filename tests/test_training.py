@@ -174,6 +174,32 @@ def test_bad_config_values_name_the_field(override, message):
     loop.validate_config(_config(**override))
 
 
+def test_resampler_from_the_config_and_its_errors(tmp_path):
+  from a2u_jax import checkpointing
+  from configs import upsampler
+
+  config = upsampler.get_config("indexnet")
+  config.model.resampler_options.index = "holistic"
+  model = state_lib.model_from_config(config)
+  assert (model.resampler, dict(model.resampler_options)) == (
+      "indexnet", {"index": "holistic", "nonlinear": True, "context": True})
+  # model.json round trip (what predict/evaluate rebuild from a training run).
+  options = state_lib.model_options(config)
+  assert json.loads(json.dumps(options)) == options
+  assert checkpointing.build_model(json.loads(json.dumps(options))) == model
+  config.model.resampler_options.index = "diagonal"
+  with pytest.raises(ValueError, match="config.model.resampler_options: indexnet: `index` must"):
+    loop.validate_config(config)
+  config = smoke.get_config()
+  config.model.resampler = "bicubic"
+  with pytest.raises(ValueError, match="config.model.resampler must be one of baseline, "):
+    loop.validate_config(config)
+  config = upsampler.get_config("carafe")
+  config.model.resampler_options.kernel = 3
+  with pytest.raises(ValueError, match="config.model.resampler_options: carafe: unknown"):
+    loop.validate_config(config)
+
+
 def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
   config = _config()
   config.data.source = "folder"
@@ -219,6 +245,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in records}
 
 
+@pytest.mark.slow  # three train.py processes, ~3.5 min on two cores: run with -m slow
 def test_resume_after_sigkill_logs_the_same_losses(tmp_path):
   cache = tmp_path / "xla_cache"
   # The uninterrupted run and the one to be killed run side by side (two cores).

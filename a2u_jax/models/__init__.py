@@ -1,5 +1,5 @@
 """Matting networks: `a2u_matting` (the paper's model) and `baseline_matting`."""
 
-from a2u_jax.models.matting import MattingNet, a2u_matting, baseline_matting
+from a2u_jax.models.matting import RESAMPLERS, MattingNet, a2u_matting, baseline_matting
 
-__all__ = ["MattingNet", "a2u_matting", "baseline_matting"]
+__all__ = ["RESAMPLERS", "MattingNet", "a2u_matting", "baseline_matting"]

@@ -13,7 +13,8 @@ Output (N, H, W, 1): raw alpha (clip to [0, 1] at inference).
 
 Every decoder stage upsamples 2x with the kernels its encoder level produced (A2U), adds
 the skip and applies two residual blocks. With `resampler="baseline"` the generators are
-removed (see `baseline_matting`).
+removed (see `baseline_matting`). Any operator of `a2u_jax.upsamplers` can take A2U's place
+(`resampler="carafe"`, `"indexnet"`, `"fade"`, ...; see `MattingNet`).
 """
 
 from __future__ import annotations
@@ -24,18 +25,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from a2u_jax import layers, ops
+from a2u_jax import layers, ops, upsamplers
 from a2u_jax.models.blocks import ASPP, ConvABN, ResidualBlock, ResidualStage, conv
 
 Dtype = Any
-RESAMPLERS = ("a2u", "baseline")
+RESAMPLERS = ("baseline",) + upsamplers.RESAMPLERS
 
 
 class MattingNet(nn.Module):
   """Encoder-decoder matting network; see the module docstring for the layout.
 
   Attributes:
-    resampler: "a2u" (the paper's model) or "baseline" (stride-2 / bilinear).
+    resampler: "a2u" (the paper's model), "baseline" (stride-2 / bilinear; "bilinear" is
+      the same network) or another name of `a2u_jax.upsamplers.RESAMPLERS`. Operators with
+      their own downsampling (max_unpool, indexnet, pixel_shuffle) replace the four
+      encoder downsamplings as A2U does and hand their context to the paired decoder
+      stage; upsampling-only operators keep the baseline's encoder. FADE and SAPA are
+      guided by the encoder feature at the output resolution (stem, 1/2, layer1, layer2).
+    resampler_options: options of that operator (`upsamplers.make_resampler`), a mapping;
+      A2U's own options are the next five attributes.
     share, up_kernel_size, encode_kernel_size, rank, groups: A2U generator options.
     axis_name: device axis for synchronised batch statistics under pmap/shard_map.
     dtype: computation dtype (None: float32); parameters are float32.
@@ -43,6 +51,7 @@ class MattingNet(nn.Module):
   """
 
   resampler: str = "a2u"
+  resampler_options: Any = None
   share: bool = True
   up_kernel_size: int = 3
   encode_kernel_size: int = 6
@@ -57,10 +66,29 @@ class MattingNet(nn.Module):
         up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
         rank=self.rank, groups=self.groups, share=self.share, dtype=self.dtype, name=name)
 
-  def _down(self, name: str):
-    """Returns f(x) -> (x downsampled 2x, context for the paired upsampling)."""
-    if self.resampler == "baseline":
-      return lambda x: (x[:, ::2, ::2], None)
+  def _family(self) -> upsamplers.Resampler | None:
+    """The operator from `a2u_jax.upsamplers`, or None for A2U and the baseline, which keep
+    their own parameter layout (the authors' checkpoints convert to it)."""
+    if self.resampler in ("a2u", "baseline", "bilinear"):
+      return None
+    options = dict(self.resampler_options or {})
+    accepted = upsamplers.make_resampler(self.resampler).options
+    for key in ("dtype", "axis_name"):
+      if key in accepted:
+        options[key] = getattr(self, key)
+    return upsamplers.make_resampler(self.resampler, **options)
+
+  def _down(self, name: str, train: bool):
+    """Returns f(x) -> (x downsampled 2x, context for the paired upsampling), or None
+    where the baseline's strided downsampling stays."""
+    if self.resampler in ("baseline", "bilinear"):
+      return None
+    family = self._family()
+    if family is not None:
+      if not family.paired:
+        return None
+      module = family.down(name=name)
+      return lambda x: module(x, train)
     generator = self._generator(name)
 
     def down(x):
@@ -71,11 +99,14 @@ class MattingNet(nn.Module):
 
     return down
 
-  def _up(self, x: jax.Array, up_kernels: jax.Array | None) -> jax.Array:
-    if self.resampler == "baseline":
+  def _up(self, x: jax.Array, context, guide: jax.Array, level: str) -> jax.Array:
+    if self.resampler in ("baseline", "bilinear"):
       n, h, w, c = x.shape
       return jax.image.resize(x, (n, 2 * h, 2 * w, c), "linear").astype(x.dtype)
-    return ops.reassemble_up(x, up_kernels.astype(x.dtype), kernel_size=self.up_kernel_size,
+    family = self._family()
+    if family is not None:
+      return family.up(name=f"up{level}")(x, context, guide)
+    return ops.reassemble_up(x, context.astype(x.dtype), kernel_size=self.up_kernel_size,
                              groups=self.groups)
 
   @nn.compact
@@ -93,25 +124,34 @@ class MattingNet(nn.Module):
     inputs = x.astype(self.dtype or jnp.float32)
 
     # Encoder.
+    def subsample(x):
+      return x[:, ::2, ::2], None
+
     stem = ConvABN(64, 7, name="stem", **kw)(inputs, train)
-    half, up0 = self._down("gen0")(stem)
-    quarter, up1 = self._down("gen1")(half)
+    half, up0 = (self._down("gen0", train) or subsample)(stem)
+    quarter, up1 = (self._down("gen1", train) or subsample)(half)
     l1 = ResidualStage((64, 64, 64), name="layer1", **kw)(quarter, train)
-    l2, up2 = ResidualBlock(128, stride=2, name="layer2_1", **kw)(
-        l1, train, resample=self._down("gen2"))
+
+    def strided_block(features, name, x, down):
+      block = ResidualBlock(features, stride=2, name=name, **kw)
+      if down is None:
+        return block(x, train), None
+      return block(x, train, resample=down)
+
+    l2, up2 = strided_block(128, "layer2_1", l1, self._down("gen2", train))
     l2 = ResidualStage((128,) * 3, name="layer2_2", **kw)(l2, train)
-    l3, up3 = ResidualBlock(256, stride=2, name="layer3_1", **kw)(
-        l2, train, resample=self._down("gen3"))
+    l3, up3 = strided_block(256, "layer3_1", l2, self._down("gen3", train))
     l3 = ResidualStage((256,) * 3, name="layer3_2", **kw)(l3, train)
     context = ASPP(256, dropout_rate=self.dropout_rate, name="aspp", **kw)(l3, train)
 
     # Decoder: upsample with the paired kernels, add the skip, two residual blocks.
-    stages = [(up3, l2, 256, 128, "3"), (up2, l1, 128, 64, "2"), (up1, half, 64, 64, "1"),
-              (up0, inputs, 64, 32, "0")]
+    # (context from the encoder, skip source, guide at the output resolution, widths).
+    stages = [(up3, l2, l2, 256, 128, "3"), (up2, l1, l1, 128, 64, "2"),
+              (up1, half, half, 64, 64, "1"), (up0, inputs, stem, 64, 32, "0")]
     y = context
-    for up_kernels, skip_source, skip_width, width, level in stages:
+    for up_context, skip_source, guide, skip_width, width, level in stages:
       skip = ConvABN(skip_width, 3, name=f"skip{level}", **kw)(skip_source, train)
-      y = self._up(y, up_kernels) + skip
+      y = self._up(y, up_context, guide, level) + skip
       y = ResidualStage((width, width), name=f"stage{int(level) + 1}", **kw)(y, train)
 
     y = ConvABN(1, 3, name="head", **kw)(y, train)

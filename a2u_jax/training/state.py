@@ -31,18 +31,29 @@ def model_from_config(config: ml_collections.ConfigDict, axis_name: str | None =
                       ) -> models.MattingNet:
   """The matting network of `config.model` (compute dtype from `config.dtype`)."""
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.dtype]
-  options = dict(config.model)
-  resampler = options.pop("resampler")
-  if resampler == "baseline":
-    options = {}
-  return models.MattingNet(resampler=resampler, axis_name=axis_name, dtype=dtype, **options)
+  options = model_options(config)
+  if "resampler_options" in options:
+    options["resampler_options"] = flax.core.FrozenDict(options["resampler_options"])
+  return models.MattingNet(axis_name=axis_name, dtype=dtype, **options)
+
+
+A2U_OPTIONS = ("share", "up_kernel_size", "encode_kernel_size", "rank", "groups")
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model.json options of a model checkpoint made from this config."""
-  options = dict(config.model)
-  if options["resampler"] == "baseline":
-    return {"resampler": "baseline"}
+  """The model.json options of a model checkpoint made from this config: the resampler,
+  its options (A2U's as attributes, another operator's as `resampler_options`) and the
+  dropout rate."""
+  model = config.model.to_dict()
+  resampler = model.pop("resampler")
+  extra = model.pop("resampler_options", None) or {}
+  options = {"resampler": resampler}
+  if "dropout_rate" in model:
+    options["dropout_rate"] = model["dropout_rate"]
+  if resampler == "a2u":
+    options.update({key: model[key] for key in A2U_OPTIONS if key in model})
+  elif resampler not in ("baseline", "bilinear") and extra:
+    options["resampler_options"] = dict(extra)
   return options
 
 

@@ -1,0 +1,442 @@
+"""The upsampling operator family behind one interface: `make_resampler(name, **options)`.
+
+Every operator is a pair of Flax modules for 2x resampling of NHWC maps:
+
+* ``down(x, train=False) -> (y, context)``: (N, H, W, C) -> (N, H/2, W/2, C), plus what
+  the paired upsampling needs (max-pooling indices, IndexNet's decoder index map, A2U's up
+  kernels). Operators that only upsample have no down module (`Resampler.down` is None):
+  the host network keeps its own downsampling (a strided convolution).
+* ``up(x, context=None, guide=None) -> y``: (N, h, w, C) -> (N, 2h, 2w, C). `guide` is the
+  encoder feature at the output resolution, (N, 2h, 2w, C_guide); FADE and SAPA need it
+  (`Resampler.needs_guide`), the others ignore it.
+
+Names (`RESAMPLERS`) and their options:
+
+  nearest        nearest-neighbour 2x (no parameters).
+  bilinear       bilinear 2x, half-pixel centres (no parameters).
+  deconv         transposed convolution, kernel 4, stride 2 (`kernel_size`).
+  pixel_shuffle  down: space-to-depth + 1x1 conv 4C -> C; up: conv C -> 4C (`kernel_size`,
+                 default 3) + depth-to-space (Shi et al., CVPR 2016).
+  max_unpool     down: 2x2 max pooling with indices; up: unpooling to those positions
+                 (SegNet, Badrinarayanan et al., TPAMI 2017).
+  carafe         content-aware reassembly (Wang et al., ICCV 2019): 1x1 compressor to
+                 `compressed_channels` (64), `encoder_kernel_size` (3) content encoder,
+                 softmax kernels of `up_kernel_size` (5), `groups` (1).
+  indexnet       learned index maps (Lu et al., ICCV 2019): `index` "holistic" (one map for
+                 all channels), "depthwise_o2o" or "depthwise_m2o" (a map per channel),
+                 `nonlinear` (conv-BN-ReLU6-conv index block), `context` (4x4 index conv).
+  a2u            affinity-aware kernels (Dai et al., CVPR 2021): `share`, `rank`, `groups`,
+                 `up_kernel_size` (3), `encode_kernel_size` (6), `norm_groups` (32).
+  fade           encoder + decoder kernels with a gate (Lu et al., ECCV 2022):
+                 `up_kernel_size` (5), `embedding_dim` (64), `lite` (FADE-Lite's depthwise
+                 content encoder). Needs the guide.
+  sapa           similarity-aware point affiliation (Lu et al., NeurIPS 2022):
+                 `up_kernel_size` (5), `embedding_dim` (64). Needs the guide.
+  dysample       learned sampling offsets (Liu et al., ICCV 2023): `groups` (4), `style`
+                 "lp" or "pl", `dynamic_scope`.
+
+Adding an operator: write its up module (and a down module if it hands context), then one
+`_register(...)` line below; the tests in tests/test_upsamplers.py iterate over
+`RESAMPLERS`, so it is covered by the shape, gradient and determinism checks at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from a2u_jax import layers, ops
+from a2u_jax import resample_ops as rops
+
+Dtype = Any
+
+
+class NearestUp(nn.Module):
+  """Nearest-neighbour 2x upsampling (no parameters)."""
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    return rops.nearest_up(x)
+
+
+class BilinearUp(nn.Module):
+  """Bilinear 2x upsampling with half-pixel centres (PyTorch align_corners=False)."""
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    return rops.bilinear_up(x)
+
+
+class DeconvUp(nn.Module):
+  """Transposed convolution C -> C, stride 2 (kernel 4 covers each output pixel twice)."""
+
+  kernel_size: int = 4
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    return nn.ConvTranspose(x.shape[-1], (self.kernel_size,) * 2, strides=(2, 2),
+                            padding="SAME", dtype=self.dtype, name="deconv")(x)
+
+
+class SpaceToDepthDown(nn.Module):
+  """Space-to-depth (4C channels) and a 1x1 conv back to C."""
+
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="proj")(
+        rops.space_to_depth(x)), None
+
+
+class PixelShuffleUp(nn.Module):
+  """A conv C -> 4C, then depth-to-space (sub-pixel convolution)."""
+
+  kernel_size: int = 3
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    y = nn.Conv(4 * x.shape[-1], (self.kernel_size,) * 2, dtype=self.dtype, name="expand")(x)
+    return layers.pixel_shuffle(y, 2)
+
+
+class MaxPoolDown(nn.Module):
+  """2x2 max pooling; the context is where each maximum was (index i*2 + j)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return rops.max_pool_with_indices(x)
+
+
+class MaxUnpoolUp(nn.Module):
+  """Max-unpooling: each value goes back to its pooling window's recorded position."""
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    if context is None:
+      raise ValueError("max_unpool: the up module needs the indices from its MaxPoolDown")
+    return rops.max_unpool(x, context)
+
+
+def _softmax_taps(logits: jax.Array, groups: int) -> jax.Array:
+  shape = logits.shape
+  return jax.nn.softmax(logits.reshape(shape[:-1] + (groups, -1)), axis=-1).reshape(shape)
+
+
+class CARAFEUp(nn.Module):
+  """CARAFE: kernels predicted from the low-resolution map, softmax-normalised, reassembled
+  with `ops.reassemble_up` (channel c uses kernel group c // (C / groups))."""
+
+  up_kernel_size: int = 5
+  encoder_kernel_size: int = 3
+  compressed_channels: int = 64
+  groups: int = 1
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    k = self.up_kernel_size
+    compressed = nn.Conv(self.compressed_channels, (1, 1), dtype=self.dtype,
+                         name="compressor")(x)
+    logits = nn.Conv(4 * self.groups * k * k, (self.encoder_kernel_size,) * 2,
+                     kernel_init=nn.initializers.normal(1e-3), dtype=self.dtype,
+                     name="content_encoder")(compressed)
+    kernels = _softmax_taps(layers.pixel_shuffle(logits, 2), self.groups)
+    return ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=k, groups=self.groups)
+
+
+class IndexNetDown(nn.Module):
+  """IndexNet's index block and index-guided pooling.
+
+  Index logits (N, H/2, W/2, 4) for "holistic" or (N, H/2, W/2, C, 4) for the depthwise
+  variants ("o2o": one depthwise conv per window position; "m2o": one full conv per
+  position); sigmoid gives the decoder index map, a softmax over the 4 positions of that
+  the encoder index map; both are pixel-shuffled to (N, H, W, 1 or C). Returns
+  (4 * avg_pool(encoder_index * x), decoder_index).
+  """
+
+  index: str = "depthwise_m2o"
+  nonlinear: bool = True
+  context: bool = True
+  axis_name: str | None = None
+  dtype: Dtype | None = None
+
+  def _conv(self, features: int, groups: int, name: str):
+    size, pad = (4, 1) if self.context else (2, 0)
+    return nn.Conv(features, (size, size), strides=(2, 2), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=False, dtype=self.dtype, name=name)
+
+  def _branch(self, x, features: int, groups: int, train: bool, name: str):
+    y = self._conv(features, groups, f"{name}_conv")(x)
+    if self.nonlinear:
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       axis_name=self.axis_name, dtype=self.dtype, name=f"{name}_bn")(y)
+      y = jnp.clip(y, 0.0, 6.0)  # ReLU6
+      y = nn.Conv(y.shape[-1] if self.index != "holistic" else 4, (1, 1),
+                  feature_group_count=groups if self.index == "depthwise_o2o" else 1,
+                  use_bias=False, dtype=self.dtype, name=f"{name}_mix")(y)
+    return y
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    if self.index == "holistic":
+      logits = self._branch(x, 2 * c if self.nonlinear else 4, 1, train, "index")[..., None, :]
+    elif self.index in ("depthwise_o2o", "depthwise_m2o"):
+      groups = c if self.index == "depthwise_o2o" else 1
+      logits = jnp.stack([self._branch(x, c, groups, train, f"index{t}") for t in range(4)],
+                         axis=-1)
+    else:
+      raise ValueError(f"indexnet: `index` must be 'holistic', 'depthwise_o2o' or "
+                       f"'depthwise_m2o', got {self.index!r}")
+    decoder = jax.nn.sigmoid(logits)
+    encoder = jax.nn.softmax(decoder, axis=-1)
+
+    def shuffle(index):  # (N, h, w, C', 4) -> (N, 2h, 2w, C')
+      return layers.pixel_shuffle(index.reshape(index.shape[:3] + (-1,)), 2)
+
+    return rops.index_pool(x, shuffle(encoder).astype(x.dtype)), shuffle(decoder)
+
+
+class IndexNetUp(nn.Module):
+  """Index-guided upsampling: decoder_index * nearest_up(x)."""
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    if context is None:
+      raise ValueError("indexnet: the up module needs the index map from its IndexNetDown")
+    return context.astype(x.dtype) * rops.nearest_up(x)
+
+
+class FADEUp(nn.Module):
+  """FADE: kernels from both the encoder guide (high resolution) and the decoder map (low
+  resolution, the same content encoder applied then nearest-upsampled), and a gate from
+  the decoder map that mixes the guide with the reassembled decoder map:
+  out = gate * guide + (1 - gate) * CARAFE(x). A guide whose width differs from x is
+  first aligned by a 1x1 conv (FADE's optional aligner)."""
+
+  up_kernel_size: int = 5
+  embedding_dim: int = 64
+  lite: bool = False
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    if guide is None:
+      raise ValueError("fade: needs `guide`, the encoder feature at the output resolution")
+    k = self.up_kernel_size
+    uniform = nn.initializers.xavier_uniform()
+    conv = lambda features, size, name, **kw: nn.Conv(  # noqa: E731
+        features, (size, size), kernel_init=uniform, dtype=self.dtype, name=name, **kw)
+    gate = jax.nn.sigmoid(rops.nearest_up(conv(1, 1, "gate")(x)))
+    width = k * k if self.lite else self.embedding_dim
+    encoded_guide = conv(width, 1, "compress_guide")(guide)
+    encoded_x = conv(width, 1, "compress_x", use_bias=False)(x)
+    content = conv(k * k, 3, "content_encoder",
+                   feature_group_count=k * k if self.lite else 1)
+    kernels = jax.nn.softmax(content(encoded_guide) + rops.nearest_up(content(encoded_x)),
+                             axis=-1)
+    if guide.shape[-1] != x.shape[-1]:
+      guide = conv(x.shape[-1], 1, "align")(guide)
+    up = ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=k)
+    return gate * guide.astype(x.dtype) + (1 - gate) * up
+
+
+class SAPAUp(nn.Module):
+  """SAPA: queries from the (layer-normalised) encoder guide, keys from the decoder map;
+  each output pixel's kernel is the softmax of its similarity with the K x K keys around
+  its low-resolution position (out-of-range keys: logit 0), reassembling the decoder map
+  itself (the values are not normalised)."""
+
+  up_kernel_size: int = 5
+  embedding_dim: int = 64
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    if guide is None:
+      raise ValueError("sapa: needs `guide`, the encoder feature at the output resolution")
+    init = nn.initializers.truncated_normal(0.02)
+    query = nn.Dense(self.embedding_dim, kernel_init=init, dtype=self.dtype, name="query")(
+        nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm_guide")(guide))
+    key = nn.Dense(self.embedding_dim, kernel_init=init, dtype=self.dtype, name="key")(
+        nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm_x")(x))
+    kernels = jax.nn.softmax(rops.local_similarity(query, key, self.up_kernel_size), axis=-1)
+    return ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=self.up_kernel_size)
+
+
+class DySampleUp(nn.Module):
+  """DySample: bilinear point sampling at learned offsets from the bilinear positions.
+
+  A 1x1 conv predicts 2 x groups offsets per output pixel ("lp": on the low-resolution map
+  then pixel-shuffled; "pl": on the pixel-shuffled map), scaled by 0.25 (or by
+  0.5 * sigmoid(scope) with `dynamic_scope`) and added to the initial positions
+  (+-0.25 input pixels: bilinear upsampling). The conv starts at N(0, 0.001), so a fresh
+  DySample is almost exactly bilinear upsampling. Borders are clamped.
+  """
+
+  groups: int = 4
+  style: str = "lp"
+  dynamic_scope: bool = False
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    n, h, w, c = x.shape
+    g = self.groups
+    if c % g:
+      raise ValueError(f"dysample: channels ({c}) must be divisible by groups ({g})")
+    if self.style == "lp":
+      source, out_channels = x, 2 * g * 4
+    elif self.style == "pl":
+      if c % (4 * g):
+        raise ValueError(f"dysample style 'pl': channels ({c}) must be divisible by 4 x "
+                         f"groups ({4 * g})")
+      source, out_channels = layers.pixel_shuffle(x, 2), 2 * g
+    else:
+      raise ValueError(f"dysample: `style` must be 'lp' or 'pl', got {self.style!r}")
+    offset = nn.Conv(out_channels, (1, 1), kernel_init=nn.initializers.normal(1e-3),
+                     dtype=self.dtype, name="offset")(source)
+    if self.dynamic_scope:
+      scope = nn.Conv(out_channels, (1, 1), use_bias=False, kernel_init=nn.initializers.zeros,
+                      dtype=self.dtype, name="scope")(source)
+      offset = offset * jax.nn.sigmoid(scope) * 0.5
+    else:
+      offset = offset * 0.25
+    if self.style == "lp":
+      offset = layers.pixel_shuffle(offset, 2)  # (N, 2h, 2w, 2G), channel xy*G + g
+    offset = offset.reshape(n, 2 * h, 2 * w, 2, g)
+    # Initial positions: output sub-pixel (a, b) sits at (+-0.25, +-0.25) input pixels.
+    sub = jnp.array([-0.25, 0.25], offset.dtype)
+    initial_x = jnp.tile(sub, w)[None, None, :, None]
+    initial_y = jnp.tile(sub, h)[None, :, None, None]
+    offset = offset + jnp.stack([jnp.broadcast_to(initial_x, (1, 2 * h, 2 * w, 1)),
+                                 jnp.broadcast_to(initial_y, (1, 2 * h, 2 * w, 1))], axis=3)
+    ix, iy = rops.dysample_positions(offset)
+    return rops.bilinear_sample_border(x, ix, iy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resampler:
+  """A named pair of modules; `down()` / `up()` build fresh modules (pass `name=`)."""
+
+  name: str
+  make_up: Callable[..., nn.Module]
+  make_down: Callable[..., nn.Module] | None = None
+  needs_guide: bool = False
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)  # every option's value
+
+  @property
+  def paired(self) -> bool:
+    """Whether the operator has its own downsampling that hands context to `up`."""
+    return self.make_down is not None
+
+  def down(self, **kwargs) -> nn.Module | None:
+    return None if self.make_down is None else self.make_down(**kwargs)
+
+  def up(self, **kwargs) -> nn.Module:
+    return self.make_up(**kwargs)
+
+
+class _A2UDown(nn.Module):
+  """`layers.A2UDownsample` with the family's (x, train) call; context = the up kernels."""
+
+  share: bool = True
+  rank: int = 1
+  groups: int = 1
+  up_kernel_size: int = 3
+  encode_kernel_size: int = 6
+  norm_groups: int = 32
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return layers.A2UDownsample(
+        up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
+        rank=self.rank, groups=self.groups, share=self.share, norm_groups=self.norm_groups,
+        dtype=self.dtype, name="a2u")(x)
+
+
+class _A2UUp(nn.Module):
+  up_kernel_size: int = 3
+  groups: int = 1
+
+  @nn.compact
+  def __call__(self, x, context=None, guide=None):
+    if context is None:
+      raise ValueError("a2u: the up module needs the up kernels from its A2U down module")
+    return layers.A2UUpsample(up_kernel_size=self.up_kernel_size, groups=self.groups)(
+        x, context)
+
+
+_FACTORIES: dict[str, Callable[..., Resampler]] = {}
+
+
+def _register(name: str, factory: Callable[..., Resampler]) -> None:
+  _FACTORIES[name] = factory
+
+
+def _options(name: str, options: dict, allowed: dict[str, Any]) -> dict:
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; expected some of "
+                     f"{', '.join(sorted(allowed)) or '(none)'}")
+  return {**allowed, **options}
+
+
+def _simple(name: str, up_cls, down_cls=None, needs_guide: bool = False,
+            choices: dict[str, tuple] | None = None):
+  up_fields = {f.name: f.default for f in dataclasses.fields(up_cls)
+               if f.name not in ("parent", "name") and f.init}
+  down_fields = ({} if down_cls is None else
+                 {f.name: f.default for f in dataclasses.fields(down_cls)
+                  if f.name not in ("parent", "name") and f.init})
+
+  def factory(**options) -> Resampler:
+    chosen = _options(name, options, {**up_fields, **down_fields})
+    for option, allowed in (choices or {}).items():
+      if chosen[option] not in allowed:
+        raise ValueError(f"{name}: `{option}` must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {chosen[option]!r}")
+    up_kw = {k: chosen[k] for k in up_fields}
+    down_kw = {k: chosen[k] for k in down_fields}
+    return Resampler(
+        name, make_up=lambda **kw: up_cls(**up_kw, **kw),
+        make_down=None if down_cls is None else (lambda **kw: down_cls(**down_kw, **kw)),
+        needs_guide=needs_guide, options=chosen)
+
+  return factory
+
+
+_register("nearest", _simple("nearest", NearestUp))
+_register("bilinear", _simple("bilinear", BilinearUp))
+_register("deconv", _simple("deconv", DeconvUp))
+_register("pixel_shuffle", _simple("pixel_shuffle", PixelShuffleUp, SpaceToDepthDown))
+_register("max_unpool", _simple("max_unpool", MaxUnpoolUp, MaxPoolDown))
+_register("carafe", _simple("carafe", CARAFEUp))
+_register("indexnet", _simple("indexnet", IndexNetUp, IndexNetDown, choices={
+    "index": ("holistic", "depthwise_o2o", "depthwise_m2o")}))
+_register("a2u", _simple("a2u", _A2UUp, _A2UDown))
+_register("fade", _simple("fade", FADEUp, needs_guide=True))
+_register("sapa", _simple("sapa", SAPAUp, needs_guide=True))
+_register("dysample", _simple("dysample", DySampleUp, choices={"style": ("lp", "pl")}))
+
+RESAMPLERS: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def make_resampler(name: str, **options) -> Resampler:
+  """The operator `name` (see the module docstring for names and options)."""
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown resampler {name!r}; expected one of {', '.join(RESAMPLERS)}")
+  return _FACTORIES[name](**options)
+
+
+def parameter_count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
