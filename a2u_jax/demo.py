@@ -16,7 +16,6 @@ import argparse
 import pathlib
 
 import numpy as np
-from PIL import Image
 
 from a2u_jax import checkpointing, inputs, metrics, predict
 
@@ -44,9 +43,7 @@ def run(checkpoint: pathlib.Path, out_dir: pathlib.Path) -> dict[str, pathlib.Pa
   for name, array in (("image", image), ("trimap", trimap),
                       ("alpha", alpha_8bit),
                       ("preview", predict.preview(image, trimap, alpha))):
-    tmp = paths[name].with_name(f".{paths[name].name}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(paths[name])
+    predict.write_png(paths[name], array)
   sad = metrics.sad(alpha_8bit, true_alpha, trimap)
   print(f"alpha: {paths['alpha']}\npreview: {paths['preview']}\n"
         f"SAD on the unknown region: {sad:.3f} (in thousands, as papers report it; a smoke run is only a few steps)")

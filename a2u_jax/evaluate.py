@@ -40,7 +40,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
 from a2u_jax import checkpointing, inputs, metrics, predict
 
@@ -49,7 +48,6 @@ METRICS_CSV = "metrics.csv"
 RUN_JSON = "run.json"
 CSV_COLUMNS = ("name", "height", "width", "sad", "mse", "grad", "conn")
 DATA_KINDS = ("synthetic", "folder", "alphamatting", "composition1k", "distinctions646")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def load_items(data: str, data_dir: str | None = None, *, trimap_prefix: str = "trimap",
@@ -71,16 +69,10 @@ def load_items(data: str, data_dir: str | None = None, *, trimap_prefix: str = "
 
 
 def _file_stem(name: str) -> str:
-  stem = name[:-len(pathlib.Path(name).suffix)] if name.lower().endswith(IMAGE_SUFFIXES) else name
+  stem = name[:-len(pathlib.Path(name).suffix)] if name.lower().endswith(predict.IMAGE_SUFFIXES) else name
   if not stem or stem.startswith(".") or "/" in stem or "\\" in stem:
     raise ValueError(f"image name {name!r} cannot be used as a file name")
   return stem
-
-
-def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
-  staging = path.with_name(f".{path.name}.partial.png")
-  Image.fromarray(array).save(staging)
-  staging.replace(path)
 
 
 def _read_done(csv_path: pathlib.Path, alpha_dir: pathlib.Path) -> dict[str, dict[str, str]]:
@@ -205,7 +197,7 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
       bar.update()
 
     def save_and_score(name, alpha, gt, trimap):
-      _write_png(alpha_dir / f"{stems[name]}.png", alpha)
+      predict.write_png(alpha_dir / f"{stems[name]}.png", alpha)
       return _score(name, alpha, gt, trimap)
 
     if todo:

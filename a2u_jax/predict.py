@@ -16,7 +16,7 @@ import argparse
 import functools
 import pathlib
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import numpy as np
@@ -156,12 +156,15 @@ def _pairs(image: pathlib.Path, trimap: pathlib.Path) -> list[tuple[pathlib.Path
   return pairs
 
 
-def _write_png(path: pathlib.Path, array: np.ndarray, protected: set[pathlib.Path]) -> None:
+def write_png(path: pathlib.Path, array: np.ndarray,
+              protected: Collection[pathlib.Path] = ()) -> None:
+  """Writes a uint8 image through a temporary sibling and a rename, so the file never
+  exists half-written; refuses to replace any (resolved) path in `protected`."""
   if path.resolve() in protected:
     raise ValueError(f"refusing to overwrite the input file {path}; choose another --out")
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  Image.fromarray(array).save(tmp)
-  tmp.replace(path)  # Never a half-written output.
+  staging = path.with_name(f".{path.name}.partial.png")
+  Image.fromarray(array).save(staging)
+  staging.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
       image, trimap = read_pair(image_path, trimap_path, args.round_trimap)
       alpha = predict_alpha(predictor, image, trimap)
       alpha_path = args.out / f"{image_path.stem}_alpha.png"
-      _write_png(alpha_path, inputs.quantize_alpha(alpha), protected)
-      _write_png(args.out / f"{image_path.stem}_preview.png", preview(image, trimap, alpha),
+      write_png(alpha_path, inputs.quantize_alpha(alpha), protected)
+      write_png(args.out / f"{image_path.stem}_preview.png", preview(image, trimap, alpha),
                  protected)
       print(f"{image_path} -> {alpha_path}")
   except (ValueError, FileNotFoundError) as error:

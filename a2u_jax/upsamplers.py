@@ -365,6 +365,8 @@ class _A2UDown(nn.Module):
 
 
 class _A2UUp(nn.Module):
+  """`layers.A2UUpsample` with the family's call; the context is the paired up kernels."""
+
   up_kernel_size: int = 3
   groups: int = 1
 

@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from PIL import Image
 
-from a2u_jax import upsamplers
+from a2u_jax import predict, upsamplers
 from configs import reconstruction as reconstruction_config
 
 
@@ -75,7 +74,10 @@ def read_idx_images(path: pathlib.Path) -> np.ndarray:
   except FileNotFoundError:
     raise ValueError(f"{path}: file not found") from None
   if path.suffix == ".gz":
-    raw = gzip.decompress(raw)
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as error:
+      raise ValueError(f"{path}: not an IDX image file (cannot gunzip: {error})") from None
   if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
     raise ValueError(f"{path}: not an IDX image file (magic number 2051 expected)")
   count, rows, cols = (int.from_bytes(raw[o:o + 4], "big") for o in (4, 8, 12))
@@ -196,10 +198,8 @@ def write_figure(path: pathlib.Path, truth: np.ndarray, rows: list[dict], scale:
     for c, image in enumerate(strip):
       grid[r * (size + gap):r * (size + gap) + size,
            c * (size + gap):c * (size + gap) + size] = image[..., 0]
-  image = Image.fromarray(np.round(grid * 255).astype(np.uint8))
-  staging = path.with_name(f".{path.name}.partial.png")
-  image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(staging)
-  staging.replace(path)
+  pixels = np.round(grid * 255).astype(np.uint8)
+  predict.write_png(path, np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1))
 
 
 def main(argv: list[str] | None = None) -> None:

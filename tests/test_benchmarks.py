@@ -64,3 +64,32 @@ def test_classical_baseline_scores_what_it_writes(tmp_path):
   trimap = np.asarray(Image.open(photos / "trimap_01.png").convert("L"))
   assert sad == pytest.approx(metrics.sad(alpha, gt, trimap), abs=0.005)
   assert 0 < sad < 10  # closed-form matting gets close on this photo (about 2.7)
+
+
+def _write_idx(path, images):
+  import gzip
+  header = b"".join(v.to_bytes(4, "big") for v in (2051, *images.shape))
+  path.write_bytes(gzip.compress(header + images.astype(np.uint8).tobytes()))
+
+
+def test_reconstruction_benchmark_table_figure_and_fashion_mnist_reader(tmp_path):
+  out = _run("benchmarks/reconstruction.py", "--operators", "nearest", "max_unpool",
+             "--steps", "3", "--train-images", "16", "--out", str(tmp_path / "synthetic"))
+  assert "| operator | parameters | PSNR (dB) | SSIM | MAE | MSE | step (ms) |" in out
+  rows = [line for line in out.splitlines() if line.startswith(("| nearest", "| max_unpool"))]
+  assert len(rows) == 2 and all(float(row.split("|")[3]) > 0 for row in rows)
+  with Image.open(tmp_path / "synthetic" / "reconstruction.png") as figure:
+    assert figure.size == (6 * 34 * 3, 3 * 34 * 3)  # 6 images; truth + 2 operators
+  # Fashion-MNIST from IDX files (here three tiny fake ones), padded 28 -> 32.
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "fmnist"
+  folder.mkdir()
+  _write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
+  _write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 28, 28)))
+  out = _run("benchmarks/reconstruction.py", "--operators", "nearest", "--steps", "2",
+             "--fashion-mnist", str(folder), "--out", str(tmp_path / "fmnist_out"))
+  assert "Fashion-MNIST (20 train / 7 test)" in out
+  (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
+  result = subprocess.run([sys.executable, "benchmarks/reconstruction.py", "--fashion-mnist",
+                           str(folder)], cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode != 0 and "not an IDX image file" in result.stderr
