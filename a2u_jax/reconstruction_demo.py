@@ -14,9 +14,7 @@ PNG a person can look at:
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import tempfile
 import time
 
 import flax.linen as nn
@@ -24,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
-from a2u_jax import layers
+from a2u_jax import layers, predict
 
 
 def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
@@ -86,24 +83,11 @@ def kernel_peakiness(up_kernels: np.ndarray) -> np.ndarray:
   return (peak - peak.min()) / max(float(np.ptp(peak)), 1e-8)
 
 
-def write_png_atomically(array: np.ndarray, path: pathlib.Path) -> None:
-  """Writes an (H, W, 3) [0, 1] array; a crash never leaves a half-written file behind."""
-  data = (np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-  os.close(fd)
-  try:
-    Image.fromarray(data).save(tmp, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def fit(model: RoundTrip, image: np.ndarray, steps: int, seed: int,
         learning_rate: float) -> tuple[np.ndarray, list[jax.Array]]:
   """Adam on the reconstruction MSE; returns the restored image and the up kernels."""
   batch = jnp.asarray(image)[None]
-  params = model.init(jax.random.key(seed), batch)["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), batch)["params"]
   optimizer = optax.adam(learning_rate)
   opt_state = optimizer.init(params)
 
@@ -123,7 +107,7 @@ def fit(model: RoundTrip, image: np.ndarray, steps: int, seed: int,
     if step == 1 or step % 100 == 0 or step == steps:
       print(f"{name:8s} step {step:4d}  mse {float(loss):.5f}  "
             f"({time.perf_counter() - start:.1f}s)")
-  restored, kernels = model.apply({"params": params}, batch)
+  restored, kernels = jax.jit(model.apply)({"params": params}, batch)
   return np.asarray(restored[0]), kernels
 
 
@@ -140,7 +124,7 @@ def run(out_dir: pathlib.Path, size: int = 64, steps: int = 200, seed: int = 0,
   panel = np.concatenate([image, np.clip(bilinear, 0, 1), np.clip(restored, 0, 1),
                           np.repeat(peak[..., None], 3, axis=-1)], axis=1)
   path = out_dir / "a2u_demo.png"
-  write_png_atomically(panel, path)
+  predict.write_png(path, (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
   scores = {"bilinear_psnr": psnr(bilinear, image), "a2u_psnr": psnr(restored, image)}
   print(f"4x down/up reconstruction of a {size}x{size} synthetic image after {steps} steps: "
         f"pool/bilinear {scores['bilinear_psnr']:.2f} dB, A2U {scores['a2u_psnr']:.2f} dB")

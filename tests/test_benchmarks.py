@@ -28,6 +28,7 @@ def test_reassembly_benchmark_prints_its_table():
   assert "PyTorch" in out
 
 
+@pytest.mark.slow  # three network compilations (~30 s on two cores)
 def test_network_benchmark_checks_the_pytorch_transcription_and_prints_its_table():
   out = _run("benchmarks/network.py", "--sizes", "32", "--no-batch8", "--repeats", "1")
   for row in ("a2u_jax A2U float32", "a2u_jax A2U bfloat16", "a2u_jax baseline float32",
@@ -50,6 +51,7 @@ def test_train_step_benchmark_prints_its_table():
   assert "PyTorch" in out
 
 
+@pytest.mark.slow  # PyMatting's Numba kernels compile on first use (~50 s in a fresh venv)
 def test_classical_baseline_scores_what_it_writes(tmp_path):
   photos = SHARED / "data" / "alphamatting_lowres"
   if not photos.is_dir():

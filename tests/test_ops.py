@@ -126,8 +126,10 @@ def test_vmap_matches_batched_call(direction):
 
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_pmap_over_fake_devices(direction):
-  devices = jax.local_device_count()
-  assert devices == 4, "conftest should give four fake CPU devices"
+  # The CPU platform's devices: four fake ones (conftest) whatever the default backend is.
+  cpus = jax.devices("cpu")
+  assert len(cpus) == 4, "conftest should give four fake CPU devices"
+  devices = len(cpus)
   k = 3 if direction == "up" else 6
   features, kernels = _random_case(direction, (2 * devices, 4, 6, 4), k, 1, seed=5)
   fn = functools.partial(OPS[direction], kernel_size=k)
@@ -135,7 +137,7 @@ def test_pmap_over_fake_devices(direction):
   def loss(f, m):
     return jnp.sum(fn(f, m) ** 2)
 
-  sharded = jax.pmap(jax.value_and_grad(loss, argnums=(0, 1)))
+  sharded = jax.pmap(jax.value_and_grad(loss, argnums=(0, 1)), devices=cpus)
   split = lambda x: x.reshape((devices, -1) + x.shape[1:])
   values, grads = sharded(split(features), split(kernels))
   expected_value, expected_grads = jax.value_and_grad(loss, argnums=(0, 1))(features, kernels)

@@ -12,6 +12,14 @@ from a2u_jax import layers, upsamplers
 from a2u_jax import resample_ops as rops
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  """GPUs and TPUs run float32 matmuls and convolutions in reduced precision by default
+  (TF32, bf16 passes); the comparisons with NumPy loops here are at float32 accuracy."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 class PairNet(nn.Module):
   """Down (the operator's, or a stride-2 conv) then up, guided by the input."""
 

@@ -66,24 +66,24 @@ class MattingNet(nn.Module):
         up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
         rank=self.rank, groups=self.groups, share=self.share, dtype=self.dtype, name=name)
 
-  def _family(self) -> upsamplers.Resampler | None:
-    """The operator from `a2u_jax.upsamplers`, or None for A2U and the baseline, which keep
-    their own parameter layout (the authors' checkpoints convert to it)."""
-    if self.resampler in ("a2u", "baseline", "bilinear"):
+  def family(self) -> upsamplers.Resampler | None:
+    """The `a2u_jax.upsamplers` operator this network resamples with ("baseline" is
+    "bilinear"), or None for A2U, which keeps the authors' parameter layout (gen0..gen3)
+    so that their checkpoints convert to it. Raises ValueError for bad options."""
+    if self.resampler == "a2u":
       return None
+    name = "bilinear" if self.resampler == "baseline" else self.resampler
     options = dict(self.resampler_options or {})
-    accepted = upsamplers.make_resampler(self.resampler).options
+    accepted = upsamplers.make_resampler(name).options
     for key in ("dtype", "axis_name"):
       if key in accepted:
         options[key] = getattr(self, key)
-    return upsamplers.make_resampler(self.resampler, **options)
+    return upsamplers.make_resampler(name, **options)
 
   def _down(self, name: str, train: bool):
     """Returns f(x) -> (x downsampled 2x, context for the paired upsampling), or None
-    where the baseline's strided downsampling stays."""
-    if self.resampler in ("baseline", "bilinear"):
-      return None
-    family = self._family()
+    where the baseline's strided downsampling stays (upsampling-only operators)."""
+    family = self.family()
     if family is not None:
       if not family.paired:
         return None
@@ -100,10 +100,7 @@ class MattingNet(nn.Module):
     return down
 
   def _up(self, x: jax.Array, context, guide: jax.Array, level: str) -> jax.Array:
-    if self.resampler in ("baseline", "bilinear"):
-      n, h, w, c = x.shape
-      return jax.image.resize(x, (n, 2 * h, 2 * w, c), "linear").astype(x.dtype)
-    family = self._family()
+    family = self.family()
     if family is not None:
       return family.up(name=f"up{level}")(x, context, guide)
     return ops.reassemble_up(x, context.astype(x.dtype), kernel_size=self.up_kernel_size,

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from a2u_jax import checkpointing, inputs, metrics as matting_metrics, models, upsamplers
+from a2u_jax import checkpointing, inputs, metrics as matting_metrics, models
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 
@@ -68,12 +68,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.resampler not in models.RESAMPLERS:
     raise ValueError(f"config.model.resampler must be one of {', '.join(models.RESAMPLERS)}, "
                      f"got {config.model.resampler!r}")
-  if config.model.resampler not in ("a2u", "baseline", "bilinear"):
-    try:
-      upsamplers.make_resampler(config.model.resampler,
-                                **dict(config.model.get("resampler_options") or {}))
-    except ValueError as error:
-      raise ValueError(f"config.model.resampler_options: {error}") from None
+  try:
+    state_lib.model_from_config(config).family()
+  except ValueError as error:
+    raise ValueError(f"config.model.resampler_options: {error}") from None
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
   for key, value in config.data.options.items():

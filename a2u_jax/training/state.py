@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from a2u_jax import convert, models
+from a2u_jax import checkpointing, convert, models
 
 # Top-level parameter names that the ImageNet ResNet-34 initialises (the authors' lr / 100
 # group); everything else (kernel generators, ASPP, skips, decoder, head) is new.
@@ -31,10 +31,8 @@ def model_from_config(config: ml_collections.ConfigDict, axis_name: str | None =
                       ) -> models.MattingNet:
   """The matting network of `config.model` (compute dtype from `config.dtype`)."""
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.dtype]
-  options = model_options(config)
-  if "resampler_options" in options:
-    options["resampler_options"] = flax.core.FrozenDict(options["resampler_options"])
-  return models.MattingNet(axis_name=axis_name, dtype=dtype, **options)
+  return checkpointing.build_model(
+      {**model_options(config), "axis_name": axis_name, "dtype": dtype})
 
 
 A2U_OPTIONS = ("share", "up_kernel_size", "encode_kernel_size", "rank", "groups")
@@ -52,7 +50,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     options["dropout_rate"] = model["dropout_rate"]
   if resampler == "a2u":
     options.update({key: model[key] for key in A2U_OPTIONS if key in model})
-  elif resampler not in ("baseline", "bilinear") and extra:
+  elif extra:
     options["resampler_options"] = dict(extra)
   return options
 
