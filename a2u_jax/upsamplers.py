@@ -57,7 +57,7 @@ Dtype = Any
 
 
 class NearestUp(nn.Module):
-  """Nearest-neighbour 2x upsampling (no parameters)."""
+  """Nearest-neighbour 2x upsampling, (N, h, w, C) -> (N, 2h, 2w, C); no parameters."""
 
   @nn.compact
   def __call__(self, x, context=None, guide=None):
@@ -65,7 +65,8 @@ class NearestUp(nn.Module):
 
 
 class BilinearUp(nn.Module):
-  """Bilinear 2x upsampling with half-pixel centres (PyTorch align_corners=False)."""
+  """Bilinear 2x upsampling with half-pixel centres (PyTorch align_corners=False),
+  (N, h, w, C) -> (N, 2h, 2w, C); no parameters."""
 
   @nn.compact
   def __call__(self, x, context=None, guide=None):
@@ -73,7 +74,9 @@ class BilinearUp(nn.Module):
 
 
 class DeconvUp(nn.Module):
-  """Transposed convolution C -> C, stride 2 (kernel 4 covers each output pixel twice)."""
+  """Transposed convolution C -> C, stride 2 (Zeiler & Fergus, 2014; the "Conv/2-Deconv"
+  row of IndexNet's comparison), (N, h, w, C) -> (N, 2h, 2w, C). Parameters: a
+  kernel_size^2 x C x C kernel and a bias."""
 
   kernel_size: int = 4
   dtype: Dtype | None = None
@@ -85,7 +88,8 @@ class DeconvUp(nn.Module):
 
 
 class SpaceToDepthDown(nn.Module):
-  """Space-to-depth (4C channels) and a 1x1 conv back to C."""
+  """Space-to-depth (4C channels) and a 1x1 conv back to C, (N, H, W, C) ->
+  (N, H/2, W/2, C); context None."""
 
   dtype: Dtype | None = None
 
@@ -96,7 +100,8 @@ class SpaceToDepthDown(nn.Module):
 
 
 class PixelShuffleUp(nn.Module):
-  """A conv C -> 4C, then depth-to-space (sub-pixel convolution)."""
+  """Sub-pixel convolution (Shi et al., CVPR 2016): a conv C -> 4C, then depth-to-space,
+  (N, h, w, C) -> (N, 2h, 2w, C)."""
 
   kernel_size: int = 3
   dtype: Dtype | None = None
@@ -108,7 +113,8 @@ class PixelShuffleUp(nn.Module):
 
 
 class MaxPoolDown(nn.Module):
-  """2x2 max pooling; the context is where each maximum was (index i*2 + j)."""
+  """2x2 max pooling (SegNet, Badrinarayanan et al., TPAMI 2017), (N, H, W, C) ->
+  (N, H/2, W/2, C); the context is where each maximum was (int32 index i*2 + j)."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -116,7 +122,8 @@ class MaxPoolDown(nn.Module):
 
 
 class MaxUnpoolUp(nn.Module):
-  """Max-unpooling: each value goes back to its pooling window's recorded position."""
+  """Max-unpooling: each value of (N, h, w, C) goes back to its pooling window's recorded
+  position in (N, 2h, 2w, C), zeros elsewhere; no parameters."""
 
   @nn.compact
   def __call__(self, x, context=None, guide=None):
@@ -131,8 +138,14 @@ def _softmax_taps(logits: jax.Array, groups: int) -> jax.Array:
 
 
 class CARAFEUp(nn.Module):
-  """CARAFE: kernels predicted from the low-resolution map, softmax-normalised, reassembled
-  with `ops.reassemble_up` (channel c uses kernel group c // (C / groups))."""
+  """CARAFE (Wang et al., "Content-Aware ReAssembly of FEatures", ICCV 2019).
+
+  A 1x1 compressor (C -> compressed_channels) and a content encoder conv predict
+  4 * groups * up_kernel_size^2 logits per low-resolution pixel; pixel-shuffled to the
+  output resolution and softmax-normalised per group, they reassemble x with
+  `ops.reassemble_up` (channel c uses kernel group c // (C / groups)).
+  (N, h, w, C) -> (N, 2h, 2w, C).
+  """
 
   up_kernel_size: int = 5
   encoder_kernel_size: int = 3
@@ -153,7 +166,8 @@ class CARAFEUp(nn.Module):
 
 
 class IndexNetDown(nn.Module):
-  """IndexNet's index block and index-guided pooling.
+  """IndexNet's index block and index-guided pooling (Lu et al., "Indices Matter", ICCV
+  2019), (N, H, W, C) -> (N, H/2, W/2, C) and the decoder index map (N, H, W, 1 or C).
 
   Index logits (N, H/2, W/2, 4) for "holistic" or (N, H/2, W/2, C, 4) for the depthwise
   variants ("o2o": one depthwise conv per window position; "m2o": one full conv per
@@ -206,7 +220,8 @@ class IndexNetDown(nn.Module):
 
 
 class IndexNetUp(nn.Module):
-  """Index-guided upsampling: decoder_index * nearest_up(x)."""
+  """IndexNet's index-guided upsampling: decoder_index * nearest_up(x),
+  (N, h, w, C) -> (N, 2h, 2w, C); no parameters."""
 
   @nn.compact
   def __call__(self, x, context=None, guide=None):
@@ -216,7 +231,10 @@ class IndexNetUp(nn.Module):
 
 
 class FADEUp(nn.Module):
-  """FADE: kernels from both the encoder guide (high resolution) and the decoder map (low
+  """FADE (Lu et al., "Fusing the Assets of Decoder and Encoder", ECCV 2022; `lite`:
+  FADE-Lite), (N, h, w, C) + guide (N, 2h, 2w, C') -> (N, 2h, 2w, C).
+
+  Kernels from both the encoder guide (high resolution) and the decoder map (low
   resolution, the same content encoder applied then nearest-upsampled), and a gate from
   the decoder map that mixes the guide with the reassembled decoder map:
   out = gate * guide + (1 - gate) * CARAFE(x). A guide whose width differs from x is
@@ -250,7 +268,10 @@ class FADEUp(nn.Module):
 
 
 class SAPAUp(nn.Module):
-  """SAPA: queries from the (layer-normalised) encoder guide, keys from the decoder map;
+  """SAPA (Lu et al., "Similarity-Aware Point Affiliation", NeurIPS 2022), (N, h, w, C) +
+  guide (N, 2h, 2w, C') -> (N, 2h, 2w, C).
+
+  Queries from the (layer-normalised) encoder guide, keys from the decoder map;
   each output pixel's kernel is the softmax of its similarity with the K x K keys around
   its low-resolution position (out-of-range keys: logit 0), reassembling the decoder map
   itself (the values are not normalised)."""
@@ -273,7 +294,9 @@ class SAPAUp(nn.Module):
 
 
 class DySampleUp(nn.Module):
-  """DySample: bilinear point sampling at learned offsets from the bilinear positions.
+  """DySample (Liu et al., "Learning to Upsample by Learning to Sample", ICCV 2023):
+  bilinear point sampling at learned offsets from the bilinear positions,
+  (N, h, w, C) -> (N, 2h, 2w, C).
 
   A 1x1 conv predicts 2 x groups offsets per output pixel ("lp": on the low-resolution map
   then pixel-shuffled; "pl": on the pixel-shuffled map), scaled by 0.25 (or by
