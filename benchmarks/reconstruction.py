@@ -1,7 +1,7 @@
 """Image reconstruction with every upsampling operator (the IndexNet / A2U toy experiment).
 
     python benchmarks/reconstruction.py [--operators a2u carafe ...] [--steps 300]
-        [--fashion-mnist DIR] [--full] [--out reconstruction_out]
+        [--fashion-mnist DIR] [--full] [--learning-rate LR] [--out reconstruction_out]
 
 A small encoder-decoder (configs/reconstruction.py: width 32, two 2x downsamplings of a
 32x32 grey image, a 3x3 conv + ReLU at every level) is trained to reproduce its input with
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--fashion-mnist", type=pathlib.Path, help="folder of the IDX files")
   parser.add_argument("--full", action="store_true", help="the long protocol (GPU)")
   parser.add_argument("--train-images", type=int, help="synthetic training set size")
+  parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reconstruction_out"))
   args = parser.parse_args(argv)
   config = reconstruction_config.get_config("full" if args.full else "quick")
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     config.steps = args.steps
   if args.train_images is not None:
     config.train_images = args.train_images
+  if args.learning_rate is not None:
+    config.learning_rate = args.learning_rate
   if args.fashion_mnist:
     config.data, config.fashion_mnist_dir = "fashion_mnist", str(args.fashion_mnist)
   try:
