@@ -101,6 +101,17 @@ def _write_csv(path: pathlib.Path, rows) -> None:
   staging.replace(path)
 
 
+def valid_predictions(batch: dict, alphas: np.ndarray):
+  """The real (not filler) images of an `eval_batches` batch, cropped to their size:
+  yields (name, 8-bit alpha as the authors save it, gt uint8 or None, trimap), each (H, W).
+  `alphas`: the post-processed [0, 1] predictions for the padded batch, (B, Hp, Wp, 1)."""
+  for i in np.flatnonzero(batch["valid"]):
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    gt = batch["alpha"][i, :h, :w, 0] if batch["has_alpha"][i] else None
+    yield (batch["name"][i], inputs.quantize_alpha(alphas[i, :h, :w, 0]), gt,
+           batch["trimap"][i, :h, :w, 0])
+
+
 def _format(value: float) -> str:
   return "" if value is None else repr(float(value))
 
@@ -178,6 +189,7 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
   if not done:
     _write_csv(csv_path, [])
   todo = [item for item in items if item.name not in done]
+  rows = dict(done)
 
   if predictor is None:
     predictor = predict.Predictor(model, variables, devices or jax.local_devices())
@@ -192,8 +204,10 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
     pending: list[concurrent.futures.Future] = []
 
     def finish(future):
-      writer.writerow(future.result())
+      row = future.result()
+      writer.writerow(row)
       csv_file.flush()
+      rows[row["name"]] = row
       bar.update()
 
     def save_and_score(name, alpha, gt, trimap):
@@ -203,19 +217,14 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
     if todo:
       for batch in data_pipeline.eval_batches(todo, batch_size=batch_size):
         alphas = predictor(batch["image"], batch["trimap"])
-        for i in np.flatnonzero(batch["valid"]):
-          h, w = int(batch["height"][i]), int(batch["width"][i])
-          name = batch["name"][i]
-          pending.append(pool.submit(
-              save_and_score, name, inputs.quantize_alpha(alphas[i, :h, :w, 0]),
-              batch["alpha"][i, :h, :w, 0] if batch["has_alpha"][i] else None,
-              batch["trimap"][i, :h, :w, 0]))
+        for name, alpha, gt, trimap in valid_predictions(batch, alphas):
+          pending.append(pool.submit(save_and_score, name, alpha, gt, trimap))
         while pending and pending[0].done():
           finish(pending.pop(0))
       for future in pending:
         finish(future)
 
-  summary = summarize(_read_done(csv_path, alpha_dir).values())
+  summary = summarize(list(rows.values()))
   summary["compilations"] = predictor.compilations - compilations_before
   summary["seconds"] = time.perf_counter() - start
   return summary

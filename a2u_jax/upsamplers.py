@@ -418,11 +418,13 @@ def _options(name: str, options: dict, allowed: dict[str, Any]) -> dict:
 
 def _simple(name: str, up_cls, down_cls=None, needs_guide: bool = False,
             choices: dict[str, tuple] | None = None):
-  up_fields = {f.name: f.default for f in dataclasses.fields(up_cls)
-               if f.name not in ("parent", "name") and f.init}
-  down_fields = ({} if down_cls is None else
-                 {f.name: f.default for f in dataclasses.fields(down_cls)
-                  if f.name not in ("parent", "name") and f.init})
+  def option_fields(cls) -> dict[str, Any]:  # a module's own attributes and defaults
+    if cls is None:
+      return {}
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name not in ("parent", "name") and f.init}
+
+  up_fields, down_fields = option_fields(up_cls), option_fields(down_cls)
 
   def factory(**options) -> Resampler:
     chosen = _options(name, options, {**up_fields, **down_fields})

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from a2u_jax import checkpointing, inputs, metrics as matting_metrics, models
+from a2u_jax import checkpointing, evaluate as evaluation, metrics as matting_metrics, models
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 
@@ -226,11 +226,7 @@ def evaluate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
   batch_size = -(-batch_size // run.devices) * run.devices
   sads, mses = [], []
   for batch in data_pipeline.eval_batches(items, batch_size=batch_size):
-    alpha = _predict_host(run, state, batch)
-    for i in np.flatnonzero(batch["valid"]):
-      h, w = batch["height"][i], batch["width"][i]
-      pred = inputs.quantize_alpha(alpha[i, :h, :w, 0])
-      gt, tri = batch["alpha"][i, :h, :w, 0], batch["trimap"][i, :h, :w, 0]
+    for _, pred, gt, tri in evaluation.valid_predictions(batch, _predict_host(run, state, batch)):
       sads.append(matting_metrics.sad(pred, gt, tri))
       mses.append(matting_metrics.mse(pred, gt, tri))
   return {"sad": float(np.mean(sads)), "mse": float(np.nanmean(mses))}
