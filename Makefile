@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench
+.PHONY: demo test test-all bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" --durations=12
+
+# Everything, the slow tests included (what CI runs).
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q --durations=20
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/reassembly.py

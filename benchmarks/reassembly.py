@@ -79,12 +79,13 @@ def _inputs(case: Case, seed: int = 0):
   return features, kernels, cotangent
 
 
-def jax_rows(case: Case, repeats: int) -> list[dict]:
+def jax_rows(case: Case, repeats: int,
+             implementations: tuple[str, ...] = ops.IMPLEMENTATIONS) -> list[dict]:
   features, kernels, cotangent = (jnp.asarray(a) for a in _inputs(case))
   op = ops.reassemble_up if case.direction == "up" else ops.reassemble_down
   io_bytes = 4 * (2 * features.size + 2 * kernels.size + 2 * cotangent.size)
   rows = []
-  for implementation in ops.IMPLEMENTATIONS:
+  for implementation in implementations:
     fn = functools.partial(op, kernel_size=case.kernel_size, implementation=implementation)
 
     def forward_backward(f, m, ct, fn=fn):

@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "adobe"  # synthetic | adobe | d646 | folder | tfds
+  # tf: the tf.data compositing pipeline (needs the `train` extra); numpy: synthetic only.
+  config.data.pipeline = "tf"
   config.data.options = ml_collections.ConfigDict(dict(
       root=config_dict.placeholder(str), background_dir=config_dict.placeholder(str),
       backgrounds_per_foreground=100))

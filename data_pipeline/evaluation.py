@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from data_pipeline.sources import IMAGE_EXTENSIONS, SourceError, _require_dir
+from data_pipeline.files import IMAGE_EXTENSIONS, SourceError
+from data_pipeline.files import require_dir as _require_dir
 
 TRIMAP_VALUES = (0, 128, 255)
 
@@ -212,7 +213,11 @@ def tfds_items(name: str, data_dir: str, split: str = "test") -> list[EvalItem]:
   """
   import io
 
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ImportError(f"the TFDS test set {name!r} needs TensorFlow Datasets, which the "
+                      f"core install leaves out: pip install 'a2u-jax[train]'") from None
 
   from data_pipeline import tfds_builders
 
@@ -251,9 +256,7 @@ def synthetic_items(count: int = 8, min_size: int = 160, max_size: int = 320,
   The default seed differs from the synthetic training source's default, so the images
   are not the training foregrounds.
   """
-  import tensorflow as tf
-
-  from data_pipeline import morphology, synthetic
+  from data_pipeline import synthetic, trimaps
 
   rng = np.random.default_rng(seed)
   items = []
@@ -263,10 +266,7 @@ def synthetic_items(count: int = 8, min_size: int = 160, max_size: int = 320,
     bg = synthetic.synthetic_background(rng, height, width)
     a = alpha.astype(np.float32)[..., None] / 255.0
     image = np.round(fg * a + bg * (1 - a)).astype(np.uint8)
-    trimap = np.full(alpha.shape, 128, np.uint8)
-    for value, mask in ((255, alpha == 255), (0, alpha == 0)):
-      size = tf.constant(int(rng.integers(5, 16)))
-      eroded = morphology.erode(tf.constant(mask.astype(np.uint8)), size).numpy()
-      trimap[eroded == 1] = value
+    fg_size, bg_size = (int(rng.integers(5, 16)) for _ in range(2))
+    trimap = trimaps.trimap_from_alpha(alpha, fg_size, bg_size)
     items.append(array_item(f"synthetic_{index:03d}", image, trimap, alpha))
   return items

@@ -16,32 +16,12 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-MAX_KERNEL_SIZE = 29
+from data_pipeline.trimaps import MAX_KERNEL_SIZE, ellipse_footprint
 
 try:
   import cv2
 except ImportError:  # OpenCV is optional: the TF formulation is exact, only slower.
   cv2 = None
-
-
-@functools.lru_cache(maxsize=None)
-def ellipse_footprint(size: int) -> np.ndarray:
-  """The (size, size) uint8 elliptic structuring element of OpenCV's MORPH_ELLIPSE.
-
-  Row i spans columns [c - dx, c + dx] (clipped) with r = c = size // 2,
-  dy = i - r and dx = round_half_even(c * sqrt((r^2 - dy^2) / r^2)); the anchor is (r, c).
-  """
-  if not 1 <= size:
-    raise ValueError(f"kernel size must be >= 1, got {size}")
-  r = c = size // 2
-  inv_r2 = 1.0 / (r * r) if r else 0.0
-  element = np.zeros((size, size), np.uint8)
-  for i in range(size):
-    dy = i - r
-    if abs(dy) <= r:
-      dx = int(np.rint(c * np.sqrt((r * r - dy * dy) * inv_r2)))
-      element[i, max(c - dx, 0):min(c + dx + 1, size)] = 1
-  return element
 
 
 def _row_runs(size: int) -> list[tuple[int, int, int]]:

@@ -19,15 +19,13 @@ import tensorflow as tf
 from PIL import Image
 
 from data_pipeline import synthetic
+from data_pipeline.files import IMAGE_EXTENSIONS, SourceError
+from data_pipeline.files import check_positive as _check_positive
+from data_pipeline.files import require_dir as _require_dir
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # PIL modes the decoder turns into what the protocol needs without guessing.
 FOREGROUND_MODES = ("RGB", "L", "P")
 ALPHA_MODES = ("L", "1", "I;16", "I", "RGB")  # RGB: a grey alpha saved as RGB.
-
-
-class SourceError(ValueError):
-  """A dataset that the pipeline cannot use as it is (the message says what and where)."""
 
 
 class Source:
@@ -73,12 +71,6 @@ class Source:
   def __repr__(self) -> str:
     return (f"{type(self).__name__}({self.name!r}: {self.num_foregrounds} foregrounds, "
             f"{self.num_backgrounds} backgrounds, epoch of {self.epoch_length})")
-
-
-def _check_positive(name: str, value: int) -> int:
-  if not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return int(value)
 
 
 class ArraySource(Source):
@@ -186,13 +178,6 @@ def _check_pairs(foregrounds: Sequence[str], alphas: Sequence[str]) -> None:
     if fg_size != alpha_size:
       raise SourceError(f"size mismatch: foreground {fg_path} is {fg_size[0]}x{fg_size[1]} "
                         f"but its alpha {alpha_path} is {alpha_size[0]}x{alpha_size[1]}")
-
-
-def _require_dir(path: str | os.PathLike, what: str) -> pathlib.Path:
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"{what}: folder {path} does not exist")
-  return path
 
 
 def _images_in(folder: pathlib.Path) -> list[pathlib.Path]:

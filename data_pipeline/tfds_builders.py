@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipeline.sources import IMAGE_EXTENSIONS
+from data_pipeline.files import IMAGE_EXTENSIONS
 
 _SIZES = {
     # Sizes, so evaluation can bucket images without decoding them.

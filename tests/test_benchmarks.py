@@ -51,6 +51,43 @@ def test_train_step_benchmark_prints_its_table():
   assert "PyTorch" in out
 
 
+@pytest.mark.slow  # two training-step compilations (~2 min on two cores)
+def test_device_check_quick_prints_its_tables_and_writes_json(tmp_path):
+  import json
+
+  out = _run("benchmarks/device_check.py", "--quick", "--out", str(tmp_path / "check.json"))
+  for heading in ("## Reassembly", "## Training step (32x32 crops, batch 2", "## Inference"):
+    assert heading in out
+  report = json.loads((tmp_path / "check.json").read_text())
+  assert report["plan"] == "quick" and report["markdown"] in out
+  assert [r["case"] for r in report["reassembly"]] == [
+      "up small 64ch 32->64 K3", "down small 64ch 64->32 K6"]
+  rows = {r["row"]: r for r in report["train"]["rows"]}
+  assert "a2u_jax unshare" not in rows  # the full plan only
+  for variant in ("share", "baseline"):
+    row = rows[f"a2u_jax {variant}"]
+    assert row["step_ms"] > 0 and row["compile_s"] > 0 and np.isfinite(row["loss"])
+    assert row["tflop_per_step"] > 0
+  assert report["train"]["ratios"]["a2u_over_baseline_step"] == pytest.approx(
+      rows["a2u_jax share"]["step_ms"] / rows["a2u_jax baseline"]["step_ms"])
+  assert {(r["model"], r["dtype"]) for r in report["inference"]} == {
+      (m, d) for m in ("A2U", "baseline") for d in ("float32", "bfloat16")}
+  assert all(r["ms"] > 0 for r in report["inference"])
+
+
+def test_device_check_peak_table_and_arguments():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import device_check
+
+  assert device_check.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+  assert device_check.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.7
+  assert device_check.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+  assert device_check.peak_tflops("cpu", "float32") is None
+  result = subprocess.run([sys.executable, "benchmarks/device_check.py", "--budget-s", "0"],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 2 and "--budget-s must be > 0" in result.stderr
+
+
 @pytest.mark.slow  # PyMatting's Numba kernels compile on first use (~50 s in a fresh venv)
 def test_classical_baseline_scores_what_it_writes(tmp_path):
   photos = SHARED / "data" / "alphamatting_lowres"

@@ -203,6 +203,7 @@ def test_resampler_from_the_config_and_its_errors(tmp_path):
 def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
   config = _config()
   config.data.source = "folder"
+  config.data.pipeline = "tf"
   config.data.options = {"root": str(tmp_path / "nowhere")}
   config.init.torchvision_resnet34 = str(tmp_path / "missing.pth")
   with pytest.raises(ValueError, match="config.init.torchvision_resnet34: cannot read"):

@@ -9,6 +9,7 @@ Everything a run writes goes to its workdir:
   metrics.jsonl  one JSON object per logged step (step, loss, loss terms, learning rates,
                  grad norm, images/s; validation SAD/MSE on validation steps)
   tensorboard/   the same scalars, and composite / trimap / predicted / true alpha images
+                 (when TensorFlow is installed: the `train` extra)
 Rerunning the same command resumes from the last complete checkpoint: the data stream is a
 deterministic function of (seed, batch index), so the resumed run sees the batches the
 interrupted one would have seen, and logs the same losses.
@@ -34,6 +35,9 @@ from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 
 METRICS_FILE = "metrics.jsonl"
+# "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
+# "numpy": data_pipeline.SyntheticStream (synthetic data only; no TensorFlow).
+PIPELINES = ("tf", "numpy")
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +78,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.resampler_options: {error}") from None
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+  if config.data.pipeline not in PIPELINES:
+    raise ValueError(f"config.data.pipeline must be one of {', '.join(PIPELINES)}, got "
+                     f"{config.data.pipeline!r}")
+  if config.data.pipeline == "numpy" and config.data.source != "synthetic":
+    raise ValueError(f"config.data.pipeline='numpy' has only the synthetic source, got "
+                     f"config.data.source={config.data.source!r}: real data goes through "
+                     f"the tf.data pipeline (--config.data.pipeline=tf, with pip install "
+                     f"'a2u-jax[train]')")
   for key, value in config.data.options.items():
     if value is None:
       raise ValueError(f"config.data.options.{key} must be set for data source "
@@ -84,7 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _validation_items(config: ml_collections.ConfigDict):
-  import data_pipeline  # The data pipeline imports TensorFlow: only when training.
+  import data_pipeline
 
   readers = {"synthetic": data_pipeline.synthetic_items,
              "alphamatting": data_pipeline.alphamatting_items,
@@ -94,6 +106,30 @@ def _validation_items(config: ml_collections.ConfigDict):
     raise ValueError(f"config.validation.source must be one of {', '.join(readers)}, got "
                      f"{config.validation.source!r}")
   return readers[config.validation.source](**config.validation.options)
+
+
+def _training_source(config: ml_collections.ConfigDict):
+  """The training data named by config.data (a tf.data Source or a SyntheticStream)."""
+  import data_pipeline
+
+  if config.data.pipeline == "numpy":
+    return data_pipeline.SyntheticStream(**config.data.options)
+  try:
+    data_pipeline.require_tensorflow(f"config.data.source={config.data.source!r} through "
+                                     f"config.data.pipeline='tf'")
+  except ImportError as error:
+    hint = (" (or, for synthetic data, --config.data.pipeline=numpy)"
+            if config.data.source == "synthetic" else "")
+    raise ImportError(f"{error}{hint}") from None
+  return data_pipeline.build_source(config.data.source, **config.data.options)
+
+
+def _training_batches(source, **options):
+  import data_pipeline
+
+  if isinstance(source, data_pipeline.SyntheticStream):
+    return source.batches(**options)
+  return data_pipeline.train_batches(source, **options)
 
 
 class _Run:
@@ -183,28 +219,36 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 
 class _Logger:
-  """metrics.jsonl, TensorBoard (on process 0)."""
+  """metrics.jsonl, and TensorBoard when TensorFlow is installed (on process 0)."""
 
   def __init__(self, workdir: pathlib.Path, enabled: bool):
     self.enabled = enabled
     self.path = workdir / METRICS_FILE
     self.writer = None
-    if enabled:
+    if not enabled:
+      return
+    try:
       import tensorflow as tf
-      self.tf = tf
-      self.writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+    except ImportError:
+      log.info("TensorBoard summaries skipped: TensorFlow is not installed (pip install "
+               "'a2u-jax[train]'); metrics go to %s", self.path)
+      return
+    self.tf = tf
+    self.writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
       return
     with self.path.open("a") as f:
       f.write(json.dumps({"step": step, **values}) + "\n")
+    if self.writer is None:
+      return
     with self.writer.as_default(step=step):
       for key, value in values.items():
         self.tf.summary.scalar(key, value)
 
   def images(self, step: int, batch: dict[str, np.ndarray], prediction: np.ndarray) -> None:
-    if not self.enabled:
+    if self.writer is None:
       return
     count = min(4, prediction.shape[0])
     with self.writer.as_default(step=step):
@@ -241,10 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  import data_pipeline
-
   # Building the source validates the data (folders, pairs, sizes) before anything slow.
-  source = data_pipeline.build_source(config.data.source, **config.data.options)
+  source = _training_source(config)
   workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
@@ -266,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  state_lib.count_parameters(state.params),
                  "resuming" if start_step else "starting", start_step, total_steps)
 
-  batches = data_pipeline.train_batches(
+  batches = _training_batches(
       source, batch_size=host_batch, crop_size=config.crop_size, seed=config.seed,
       shard_index=jax.process_index(), num_shards=jax.process_count(),
       skip_batches=start_step)

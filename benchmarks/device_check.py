@@ -1,0 +1,485 @@
+"""One prepared accelerator benchmark: the operator, the network and the training step.
+
+    python benchmarks/device_check.py [--out device_check.json] [--budget-s 450]
+    python benchmarks/device_check.py --quick     # the same code at toy sizes (CPU, <2 min)
+
+Needs no TensorFlow (the accelerator machines have JAX, Flax, Optax, Orbax and PyTorch).
+Sections, in this order (each row runs even when an earlier one failed; rows left once
+--budget-s is spent are reported as skipped):
+  1. reassembly: up/down forward and forward+backward of `a2u_jax.ops` for the
+     benchmarks/reassembly.py cases and the same at 256 channels, beside the memory floors
+     (nearest 2x upsampling, 2x2 average pooling);
+  2. the training step of train.py (jitted shard_map over one device, float32, Adam) for
+     A2U share, A2U unshare and the baseline at the paper's setting (512x512 crops, batch
+     16): step time, images/s, compile time, peak device memory, and model FLOPs
+     utilisation (XLA's FLOP count / step time / the device's peak from PEAK_TFLOPS);
+  3. the same step of the PyTorch transcription (benchmarks/network.py, the authors'
+     architecture with F.unfold reassembly) on the same device, with the ratio;
+  4. network inference, A2U and baseline, 512x512 and 1024x1024, float32 and bfloat16.
+Each training row runs in its own process, so its peak memory is its own and an
+out-of-memory error stays in its row. Prints a markdown table per section and writes
+them all to --out as JSON (complete when it appears).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+# Allocate device memory as it is used (not 75% up front), so that the rows in child
+# processes get the whole device and the peaks are each row's own.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import reassembly  # noqa: E402  (benchmarks/reassembly.py)
+from a2u_jax import ops  # noqa: E402
+
+# Dense peak TFLOP/s per device kind (vendor data sheets), by the precision XLA runs a
+# float32 step's convolutions and matmuls in at its default precision (TF32 on NVIDIA
+# Ampere and later, bfloat16 passes on TPU) and for bfloat16.
+PEAK_TFLOPS = {
+    "H200": {"float32": 494.7, "bfloat16": 989.4},
+    "H100 80GB HBM3": {"float32": 494.7, "bfloat16": 989.4},  # SXM
+    "H100 PCIe": {"float32": 378.0, "bfloat16": 756.0},
+    "H100": {"float32": 494.7, "bfloat16": 989.4},
+    "A100": {"float32": 156.0, "bfloat16": 312.0},
+    "L4": {"float32": 60.0, "bfloat16": 121.0},
+    "TPU v4": {"float32": 275.0, "bfloat16": 275.0},
+    "TPU v5 lite": {"float32": 197.0, "bfloat16": 197.0},
+    "TPU v5": {"float32": 459.0, "bfloat16": 459.0},
+    "TPU v6 lite": {"float32": 918.0, "bfloat16": 918.0},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Sizes of one run: the full accelerator plan or the --quick toy plan."""
+  reassembly_cases: tuple
+  train_variants: tuple
+  train_crop: int
+  train_batch: int
+  inference_sizes: tuple
+  repeats: int
+
+
+def _with_channels(case: reassembly.Case, channels: int) -> reassembly.Case:
+  name = case.name.replace(f"{case.features[3]}ch", f"{channels}ch")
+  return dataclasses.replace(case, name=name, features=case.features[:3] + (channels,))
+
+
+FULL = Plan(
+    reassembly_cases=tuple(reassembly.CASES[:2]) + tuple(
+        _with_channels(c, 256) for c in reassembly.CASES[:2]),
+    train_variants=("share", "unshare", "baseline"), train_crop=512, train_batch=16, inference_sizes=(512, 1024), repeats=5)
+QUICK = Plan(
+    reassembly_cases=tuple(reassembly.QUICK_CASES[:2]),
+    # unshare differs from share only in the generator's widths; each variant's compile
+    # costs ~40 s on a 2-core CPU.
+    train_variants=("share", "baseline"), train_crop=32, train_batch=2, inference_sizes=(32,), repeats=2)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The data-sheet peak for a device kind (longest matching name), None if unknown."""
+  matches = [name for name in PEAK_TFLOPS if name.lower() in device_kind.lower()]
+  if not matches:
+    return None
+  return PEAK_TFLOPS[max(matches, key=len)][dtype]
+
+
+def environment() -> dict[str, Any]:
+  import flax
+  import jaxlib
+
+  device = jax.devices()[0]
+  info = {"device": device.device_kind, "platform": device.platform,
+          "devices": jax.device_count(), "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "flax": flax.__version__}
+  try:
+    import torch
+    info["torch"] = torch.__version__
+    info["torch_device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                            else "cpu")
+  except ImportError:
+    info["torch"] = None
+  return info
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  fn()  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+# ------------------------------------------------------------------ 1. reassembly
+
+
+def reassembly_rows(plan: Plan) -> list[dict]:
+  rows = []
+  for case in plan.reassembly_cases:
+    measured = reassembly.jax_rows(case, plan.repeats, (ops.DEFAULT_IMPLEMENTATION,))
+    default = next(r for r in measured if r["name"].endswith("(default)"))
+    floor = measured[-1]
+    rows.append({"case": case.name, "forward_ms": default["fwd"],
+                 "forward_backward_ms": default["fb"],
+                 "backward_ratio": default["fb"] / default["fwd"],
+                 "floor": floor["name"].removeprefix("floor: "),
+                 "floor_forward_ms": floor["fwd"],
+                 "forward_vs_floor": default["fwd"] / floor["fwd"]})
+  return rows
+
+
+# -------------------------------------------------------------- 2. training step
+
+
+def _train_batch(crop: int, size: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  alpha = rng.random((size, crop, crop, 1)).astype(np.float32)
+  fg = rng.random((size, crop, crop, 3)).astype(np.float32)
+  bg = rng.random((size, crop, crop, 3)).astype(np.float32)
+  trimap = rng.choice(np.array([0, 128, 255], np.uint8), (size, crop, crop, 1))
+  return {"image": alpha * fg + (1 - alpha) * bg, "fg": fg, "bg": bg, "alpha": alpha,
+          "trimap": trimap}
+
+
+def step_flops(lowered) -> float:
+  """The step's FLOPs from XLA's cost analysis of the program before optimisation.
+
+  The compiled executable's analysis is no count on GPU: convolutions become cuDNN
+  custom calls there, which it counts as 0 FLOPs. Before optimisation the count is the
+  same on every backend.
+  """
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def _peak_device_bytes(device) -> int | None:
+  stats = device.memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def jax_train_row(variant: str, crop: int, size: int, repeats: int) -> dict:
+  """The train.py step (configs/a2u_matting.py, one device) of one network variant."""
+  sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+  from a2u_jax.training import loop, state as state_lib
+  from configs import a2u_matting
+
+  config = a2u_matting.get_config()
+  config.crop_size, config.batch_size = crop, size
+  if variant == "unshare":
+    config.model.share = False
+  elif variant == "baseline":
+    config.model.resampler = "baseline"
+  device = jax.devices()[0]
+  run = loop._Run(config, devices=[device])
+  state = run.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), run.model))
+  batch, rng = run.shard(_train_batch(crop, size)), run.put(jax.random.PRNGKey(1))
+  start = time.perf_counter()
+  lowered = run.train_step.lower(state, batch, rng)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  flops = step_flops(lowered)
+  memory = compiled.memory_analysis()
+  state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    begin = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - begin)
+  seconds = min(times)
+  peak = _peak_device_bytes(device)
+  if peak is None and memory is not None:  # CPU: XLA's plan for this executable
+    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+            + memory.output_size_in_bytes)
+  tflops = peak_tflops(device.device_kind, "float32")
+  return {"row": f"a2u_jax {variant}", "step_ms": 1e3 * seconds, "images_per_s": size / seconds,
+          "compile_s": compile_s, "peak_memory_gb": None if peak is None else peak / 1e9,
+          "tflop_per_step": flops / 1e12,
+          "mfu": flops / seconds / (tflops * 1e12) if tflops and flops else None,
+          "loss": float(metrics["loss"])}
+
+
+def torch_train_row(crop: int, size: int, repeats: int) -> dict:
+  """The PyTorch transcription's training step (A2U share) on the same device."""
+  sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+  import torch
+
+  from network import TorchA2UMatting
+
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  # JAX runs float32 convolutions and matmuls in TF32 at its default precision on NVIDIA
+  # GPUs: let PyTorch do the same, so both rows compute at the same precision.
+  torch.backends.cuda.matmul.allow_tf32 = True
+  torch.backends.cudnn.allow_tf32 = True
+  torch.backends.cudnn.benchmark = True
+  torch.manual_seed(0)
+  model = TorchA2UMatting().train().to(device)
+  groups = {"new": [], "encoder": []}
+  for name, parameter in model.named_parameters():
+    new = any(key in name for key in ("dconv", "pred", "short", "bconv", "bilinear"))
+    groups["new" if new else "encoder"].append(parameter)
+  optimizer = torch.optim.Adam([{"params": groups["new"]},
+                                {"params": groups["encoder"], "lr": 0.01 / 100}], lr=0.01)
+  batch = {k: torch.from_numpy(np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2)))).to(device)
+           for k, v in _train_batch(crop, size).items()}
+  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+  inputs = torch.cat([(batch["image"] - mean) / std, batch["trimap"].float() / 255], 1)
+  mask = (batch["trimap"] == 128).float()
+
+  def step():
+    prediction = model(inputs)
+    count = mask.sum(dim=(2, 3)) + 1
+    alpha_loss = (torch.sqrt(((prediction - batch["alpha"]) * mask) ** 2 + 1e-12)
+                  .sum(dim=(2, 3)) / count).sum() / size
+    composite = prediction * batch["fg"] + (1 - prediction) * batch["bg"]
+    colour_loss = (torch.sqrt(((composite - batch["image"]) * mask) ** 2 + 1e-12)
+                   .sum(dim=(2, 3)) / count).sum() / size
+    loss = 0.5 * alpha_loss + 0.5 * colour_loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if cuda:
+      torch.cuda.synchronize()
+
+  step()  # cuDNN autotuning
+  seconds = _best_seconds(step, repeats)
+  peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+  return {"row": f"PyTorch {torch.__version__} A2U share (F.unfold)",
+          "step_ms": 1e3 * seconds, "images_per_s": size / seconds, "compile_s": None,
+          "peak_memory_gb": peak, "tflop_per_step": None, "mfu": None}
+
+
+def _in_child(function, *args) -> dict:
+  """Runs a row in a fresh process (its own device memory peak; errors stay in the row)."""
+  context = multiprocessing.get_context("spawn")
+  with context.Pool(1) as pool:
+    try:
+      return pool.apply(function, args)
+    except Exception as error:
+      return {"error": f"{type(error).__name__}: {error}"[:300]}
+
+
+# ------------------------------------------------------------------- 4. inference
+
+
+def inference_rows(plan: Plan, deadline: float) -> list[dict]:
+  from a2u_jax import models
+
+  rows = []
+  rng = np.random.default_rng(0)
+  for size in plan.inference_sizes:
+    x = rng.normal(size=(1, size, size, 4)).astype(np.float32)
+    x[..., 3] = rng.choice([0.0, 0.5, 1.0], size=(1, size, size))
+    for name, build in (("A2U", models.a2u_matting), ("baseline", models.baseline_matting)):
+      variables = jax.jit(build().init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
+      for dtype in ("float32", "bfloat16"):
+        label = {"model": name, "size": size, "dtype": dtype}
+        if time.perf_counter() > deadline:
+          rows.append(label | {"skipped": "time budget spent"})
+          continue
+        model = build(dtype=getattr(jnp, dtype))
+        inputs = jnp.asarray(x, getattr(jnp, dtype))
+        apply = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+        start = time.perf_counter()
+        compiled = apply.lower(variables, inputs).compile()
+        compile_s = time.perf_counter() - start
+        seconds = _best_seconds(
+            lambda: jax.block_until_ready(compiled(variables, inputs)), plan.repeats)
+        rows.append(label | {"ms": 1e3 * seconds, "images_per_s": 1 / seconds,
+                             "compile_s": compile_s})
+        _progress(f"inference: {rows[-1]}")
+  return rows
+
+
+# ------------------------------------------------------------------------ report
+
+
+def _cell(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+  env = report["environment"]
+  lines = [f"# Device check: {env['device']} ({env['platform']}), jax {env['jax']}, "
+           f"jaxlib {env['jaxlib']}, flax {env['flax']}, torch {env['torch']}",
+           f"\nplan: {report['plan']}; total {report['seconds']:.0f} s ("
+           + ", ".join(f"{k} {v:.0f} s" for k, v in report["section_seconds"].items())
+           + ")\n",
+           "## Reassembly (float32, default implementation)\n",
+           "| case | fwd ms | fwd+bwd ms | fwd+bwd / fwd | floor | floor fwd ms "
+           "| fwd / floor |", "|---|---:|---:|---:|---|---:|---:|"]
+  for r in report["reassembly"]:
+    lines.append(f"| {r['case']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | "
+                 f"{r['backward_ratio']:.2f} | {r['floor']} | {r['floor_forward_ms']:.3f} | "
+                 f"{r['forward_vs_floor']:.2f} |")
+  train = report["train"]
+  lines += [f"\n## Training step ({train['crop']}x{train['crop']} crops, batch "
+            f"{train['batch']}, float32, one device)\n",
+            "| implementation | step ms | images/s | compile s | peak memory GB "
+            "| TFLOP/step | MFU |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in train["rows"]:
+    if "error" in r or "skipped" in r:
+      lines.append(f"| {r['row']} | {r.get('error') or r['skipped']} | | | | | |")
+      continue
+    lines.append(f"| {r['row']} | {r['step_ms']:.1f} | {r['images_per_s']:.2f} | "
+                 f"{_cell(r['compile_s'], '.1f')} | {_cell(r['peak_memory_gb'], '.2f')} | "
+                 f"{_cell(r['tflop_per_step'], '.3f')} | {_cell(r['mfu'], '.1%')} |")
+  for key, text in (("a2u_over_baseline_step", "A2U share step / baseline step"),
+                    ("ours_over_torch_images_per_s", "a2u_jax / PyTorch images/s (A2U share)")):
+    if train["ratios"].get(key) is not None:
+      lines.append(f"\n{text}: **{train['ratios'][key]:.2f}x**")
+  lines += ["\n## Inference (batch 1)\n",
+            "| model | size | dtype | ms | images/s | compile s |", "|---|---:|---|---:|---:|---:|"]
+  for r in report["inference"]:
+    if "skipped" in r:
+      lines.append(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['skipped']} | | |")
+      continue
+    lines.append(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['ms']:.2f} | "
+                 f"{r['images_per_s']:.1f} | {r['compile_s']:.1f} |")
+  for key, value in report["inference_ratios"].items():
+    lines.append(f"\n{key}: **{value:.2f}x**")
+  return "\n".join(lines)
+
+
+def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float | None:
+  if not numerator or not denominator or key not in numerator or key not in denominator:
+    return None
+  return numerator[key] / denominator[key]
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                   delete=False) as handle:
+    handle.write(text)
+  os.replace(handle.name, path)
+
+
+def _progress(message: str) -> None:
+  """One line per finished row on stderr, so a run cut short still shows what it did."""
+  print(f"[device_check] {message}", file=sys.stderr, flush=True)
+
+
+def _train_section(plan: Plan, variants: tuple[str, ...], with_torch: bool, torch_version,
+                   deadline: float) -> dict:
+  rows = []
+  for variant in variants:
+    if time.perf_counter() > deadline:
+      rows.append({"row": f"a2u_jax {variant}", "skipped": "time budget spent"})
+      continue
+    rows.append({"row": f"a2u_jax {variant}"} | _in_child(
+        jax_train_row, variant, plan.train_crop, plan.train_batch, plan.repeats))
+    _progress(f"train: {rows[-1]}")
+  torch_row = None
+  if not with_torch or torch_version is None:
+    rows.append({"row": "PyTorch", "skipped": "skipped: torch not installed or --no-torch"})
+  elif time.perf_counter() > deadline:
+    rows.append({"row": "PyTorch", "skipped": "time budget spent"})
+  else:
+    torch_row = {"row": "PyTorch"} | _in_child(torch_train_row, plan.train_crop,
+                                              plan.train_batch, plan.repeats)
+    rows.append(torch_row)
+    _progress(f"train: {torch_row}")
+  by_name = {row["row"]: row for row in rows}
+  share, baseline = by_name.get("a2u_jax share"), by_name.get("a2u_jax baseline")
+  return {"crop": plan.train_crop, "batch": plan.train_batch, "rows": rows,
+          "ratios": {"a2u_over_baseline_step": _ratio(share, baseline, "step_ms"),
+                     "ours_over_torch_images_per_s": _ratio(share, torch_row,
+                                                            "images_per_s")}}
+
+
+def _inference_ratios(rows: list[dict]) -> dict[str, float]:
+  ratios = {}
+  for r in rows:
+    if r["dtype"] == "bfloat16" and "ms" in r:
+      f32 = next((o for o in rows if o["model"] == r["model"] and o["size"] == r["size"]
+                  and o["dtype"] == "float32" and "ms" in o), None)
+      if f32:
+        ratios[f"{r['model']} {r['size']}: float32 ms / bfloat16 ms"] = f32["ms"] / r["ms"]
+  return ratios
+
+
+SECTIONS = ("reassembly", "train", "inference")
+
+
+def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
+        sections: tuple[str, ...] = SECTIONS, variants: tuple[str, ...] | None = None,
+        on_section: Callable[[dict], None] = lambda report: None) -> dict:
+  """Runs the chosen sections; `on_section` gets the report after each one."""
+  started = time.perf_counter()
+  deadline = started + budget_s
+  report: dict[str, Any] = {"environment": environment(),
+                            "plan": "quick" if plan is QUICK else "full",
+                            "section_seconds": {}, "reassembly": [],
+                            "train": {"crop": plan.train_crop, "batch": plan.train_batch,
+                                      "rows": [], "ratios": {}},
+                            "inference": [], "inference_ratios": {}}
+  for section in sections:
+    begin = time.perf_counter()
+    if section == "reassembly":
+      report["reassembly"] = reassembly_rows(plan)
+    elif section == "train":
+      report["train"] = _train_section(plan, variants or plan.train_variants, with_torch,
+                                       report["environment"]["torch"], deadline)
+    else:
+      report["inference"] = inference_rows(plan, deadline)
+      report["inference_ratios"] = _inference_ratios(report["inference"])
+    report["section_seconds"][section] = time.perf_counter() - begin
+    report["seconds"] = time.perf_counter() - started
+    _progress(f"{section} done in {report['section_seconds'][section]:.0f} s")
+    on_section(report)
+  return report
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="toy sizes (the same code; runs on a CPU in under 2 minutes)")
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("device_check.json"))
+  parser.add_argument("--budget-s", type=float, default=450.0,
+                      help="skip the rows that would start after this many seconds")
+  parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch row")
+  parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                      help="which sections to run, in this order")
+  parser.add_argument("--variants", nargs="+", choices=("share", "unshare", "baseline"),
+                      help="training-step rows (default: all three; --quick: share, baseline)")
+  args = parser.parse_args(argv)
+  if args.budget_s <= 0:
+    parser.error(f"--budget-s must be > 0, got {args.budget_s}")
+  if args.out.is_dir():
+    parser.error(f"--out {args.out} is a folder; give a file name such as "
+                 f"{args.out / 'device_check.json'}")
+  def save(report: dict) -> None:
+    _write_atomically(args.out, json.dumps(report | {"markdown": markdown(report)},
+                                           indent=2) + "\n")
+
+  report = run(QUICK if args.quick else FULL, args.budget_s, with_torch=not args.no_torch,
+               sections=tuple(args.sections), variants=args.variants and tuple(args.variants),
+               on_section=save)
+  print(markdown(report), flush=True)
+  print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+  main()
