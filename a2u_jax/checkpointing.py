@@ -33,13 +33,22 @@ def build_model(model_config: dict[str, Any]) -> models.MattingNet:
   return models.MattingNet(**model_config)
 
 
+def _process_local_checkpointer() -> ocp.StandardCheckpointer:
+  """A checkpointer for this process alone: model checkpoints hold host arrays, are
+  written by one process (process 0 of a training run) and read by each process on its
+  own, so nothing here may wait for the other processes of a multi-host run."""
+  index = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=index, active_processes={index}))
+
+
 def save_model_checkpoint(directory: str | os.PathLike, variables: dict[str, Any],
                           model_config: dict[str, Any], *, force: bool = False) -> pathlib.Path:
   """Writes variables + model.json to `directory`, atomically.
 
   Everything is written to a temporary sibling folder first and renamed into place, so a
   failure never leaves a half-written checkpoint. A non-empty `directory` is refused unless
-  `force` is true (then it is replaced).
+  `force` is true (then it is replaced). In a multi-host run only one process calls it.
   """
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not force:
@@ -48,7 +57,7 @@ def save_model_checkpoint(directory: str | os.PathLike, variables: dict[str, Any
   directory.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
   try:
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _process_local_checkpointer()
     checkpointer.save(staging / VARIABLES_DIR, jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
     (staging / MODEL_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
@@ -70,5 +79,5 @@ def load_model_checkpoint(directory: str | os.PathLike
     raise FileNotFoundError(f"{directory} is not a model checkpoint: expected {MODEL_FILE} "
                             f"and {VARIABLES_DIR}/ inside it")
   model_config = json.loads(config_path.read_text())
-  variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR)
+  variables = _process_local_checkpointer().restore(directory / VARIABLES_DIR)
   return build_model(model_config), variables

@@ -20,9 +20,19 @@ devices, with the last batch of a group filled by masked copies so that nothing 
 counted twice or dropped. There is one compilation per shape group.
 
 Outputs, in --out: alpha/NAME.png (8-bit alpha, the input's size), metrics.csv (one row per
-image: name, height, width, sad, mse, grad, conn) and run.json (what was evaluated). Every
-file is complete when it appears. With --resume, images that already have a row in
-metrics.csv and a PNG are skipped; without it, an --out that holds results is refused.
+image, in the test set's order: name, height, width, sad, mse, grad, conn) and run.json
+(what was evaluated). While a run is under way each process appends its rows to
+metrics.part-I.csv; they are merged into metrics.csv at the end. Every PNG and metrics.csv
+is complete when it appears. With --resume, images that already have a row (in metrics.csv
+or a part file left by a killed run) and a PNG are skipped; without it, an --out that
+holds results is refused.
+
+Several processes (one per host, JAX's multi-controller runtime; --out on storage they
+share) split the test set: each evaluates every N-th image on its own devices, and
+process 0 merges the rows and prints the table:
+
+  python -m a2u_jax.evaluate ... --coordinator_address HOST0:1234 --num_processes N \
+      --process_id I          # on host I; or --distributed where JAX detects the cluster
 """
 
 from __future__ import annotations
@@ -41,11 +51,12 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from a2u_jax import checkpointing, inputs, metrics, predict
+from a2u_jax import checkpointing, distributed, inputs, metrics, predict
 
 ALPHA_DIR = "alpha"
 METRICS_CSV = "metrics.csv"
 RUN_JSON = "run.json"
+PART_GLOB = "metrics.part-*.csv"  # each process's rows while a run is under way
 CSV_COLUMNS = ("name", "height", "width", "sad", "mse", "grad", "conn")
 DATA_KINDS = ("synthetic", "folder", "alphamatting", "composition1k", "distinctions646")
 
@@ -75,21 +86,41 @@ def _file_stem(name: str) -> str:
   return stem
 
 
-def _read_done(csv_path: pathlib.Path, alpha_dir: pathlib.Path) -> dict[str, dict[str, str]]:
-  """Rows of a previous run whose PNG exists; rewrites the CSV without any other row (a
-  torn last line, or a row whose PNG is gone)."""
-  if not csv_path.exists():
-    return {}
-  text = csv_path.read_text()
+def _complete_rows(path: pathlib.Path) -> list[dict[str, str]]:
+  """The rows of a metrics CSV, without a torn last line (a run killed while writing)."""
+  if not path.exists():
+    return []
+  text = path.read_text()
   complete = text if text.endswith("\n") else text[:text.rfind("\n") + 1]
   rows = list(csv.DictReader(complete.splitlines()))
   if rows and tuple(rows[0]) != CSV_COLUMNS:
-    raise ValueError(f"{csv_path}: unexpected columns {tuple(rows[0])}, expected "
+    raise ValueError(f"{path}: unexpected columns {tuple(rows[0])}, expected "
                      f"{CSV_COLUMNS}; not a metrics file of this tool")
-  done = {row["name"]: row for row in rows
+  return rows
+
+
+def _part_files(out_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(out_dir.glob(PART_GLOB))
+
+
+def _read_done(out_dir: pathlib.Path, alpha_dir: pathlib.Path) -> dict[str, dict[str, str]]:
+  """Rows of earlier runs (metrics.csv and the processes' part files) whose PNG exists."""
+  rows = _complete_rows(out_dir / METRICS_CSV)
+  for part in _part_files(out_dir):
+    rows += _complete_rows(part)
+  return {row["name"]: row for row in rows
           if (alpha_dir / f"{_file_stem(row['name'])}.png").exists()}
-  _write_csv(csv_path, done.values())
-  return done
+
+
+def _merge(out_dir: pathlib.Path, done: dict[str, dict[str, str]], names: Sequence[str]
+           ) -> None:
+  """metrics.csv := `done` and every part file's rows, in item order; the parts go."""
+  rows = dict(done)
+  for part in _part_files(out_dir):
+    rows.update({row["name"]: row for row in _complete_rows(part)})
+  _write_csv(out_dir / METRICS_CSV, [rows[name] for name in names if name in rows])
+  for part in _part_files(out_dir):
+    part.unlink()
 
 
 def _write_csv(path: pathlib.Path, rows) -> None:
@@ -153,13 +184,19 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
   """Predicts, saves and scores every item; returns `summarize` of all rows of the CSV
   (with "compilations" and "seconds" added).
 
+  In a multi-host run (after `a2u_jax.distributed.initialize`) every process calls it with
+  the same items and an out_dir on storage they share: each one takes every N-th image
+  still to do, runs it on its own devices, and writes the PNGs and its rows
+  (metrics.part-I.csv); process 0 then merges all rows into metrics.csv, in item order,
+  and every process returns the same summary.
+
   Args:
     model, variables: from `checkpointing.load_model_checkpoint`.
     items: `data_pipeline.EvalItem`s (see `load_items`).
     out_dir: where alpha/, metrics.csv and run.json go.
     devices: local devices to split batches over (default: all local devices).
     batch_per_device: images per device per step.
-    resume: skip images already in metrics.csv; without it a used out_dir is refused.
+    resume: skip images already scored; without it a used out_dir is refused.
     run_info: what is being evaluated (checkpoint, data); a resumed run must match it.
     predictor: reuse a `predict.Predictor` (and its compilations) across calls.
   """
@@ -171,7 +208,9 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
   out_dir = pathlib.Path(out_dir)
   alpha_dir, csv_path, info_path = out_dir / ALPHA_DIR, out_dir / METRICS_CSV, out_dir / RUN_JSON
   run_info = dict(run_info or {})
-  if not resume and (csv_path.exists() or (alpha_dir.is_dir() and any(alpha_dir.iterdir()))):
+  used = (csv_path.exists() or bool(_part_files(out_dir))
+          or (alpha_dir.is_dir() and any(alpha_dir.iterdir())))
+  if not resume and used:
     raise ValueError(f"{out_dir} already holds results; pass --resume to continue that run "
                      f"or choose another --out")
   if resume and info_path.exists():
@@ -183,39 +222,43 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
   if len(set(names)) != len(names):
     raise ValueError("evaluation items have duplicate names")
   stems = {item.name: _file_stem(item.name) for item in items}
-  alpha_dir.mkdir(parents=True, exist_ok=True)
-  info_path.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
-  done = _read_done(csv_path, alpha_dir) if resume else {}
-  if not done:
-    _write_csv(csv_path, [])
+  done = _read_done(out_dir, alpha_dir) if resume else {}
+  distributed.barrier("evaluate: earlier results read")
+  lead = distributed.is_lead()
+  if lead:
+    alpha_dir.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+    _merge(out_dir, done, names)
+  distributed.barrier("evaluate: output folder ready")
   todo = [item for item in items if item.name not in done]
-  rows = dict(done)
+  mine = todo[jax.process_index()::jax.process_count()]
 
   if predictor is None:
     predictor = predict.Predictor(model, variables, devices or jax.local_devices())
   compilations_before = predictor.compilations
   batch_size = batch_per_device * len(predictor.devices)
   start = time.perf_counter()
+  part_path = out_dir / PART_GLOB.replace("*", str(jax.process_index()))
+  initial = len(done) if jax.process_count() == 1 else 0
   with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
-      csv_path.open("a", newline="") as csv_file, \
-      tqdm(total=len(items), initial=len(done), desc="evaluate", unit="image",
-           disable=not progress) as bar:
-    writer = csv.DictWriter(csv_file, CSV_COLUMNS)
+      part_path.open("w", newline="") as part_file, \
+      tqdm(total=initial + len(mine), initial=initial, desc="evaluate", unit="image",
+           disable=not (progress and lead)) as bar:
+    writer = csv.DictWriter(part_file, CSV_COLUMNS)
+    writer.writeheader()
     pending: list[concurrent.futures.Future] = []
 
     def finish(future):
-      row = future.result()
-      writer.writerow(row)
-      csv_file.flush()
-      rows[row["name"]] = row
+      writer.writerow(future.result())
+      part_file.flush()
       bar.update()
 
     def save_and_score(name, alpha, gt, trimap):
       predict.write_png(alpha_dir / f"{stems[name]}.png", alpha)
       return _score(name, alpha, gt, trimap)
 
-    if todo:
-      for batch in data_pipeline.eval_batches(todo, batch_size=batch_size):
+    if mine:
+      for batch in data_pipeline.eval_batches(mine, batch_size=batch_size):
         alphas = predictor(batch["image"], batch["trimap"])
         for name, alpha, gt, trimap in valid_predictions(batch, alphas):
           pending.append(pool.submit(save_and_score, name, alpha, gt, trimap))
@@ -224,7 +267,11 @@ def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | o
       for future in pending:
         finish(future)
 
-  summary = summarize(list(rows.values()))
+  distributed.barrier("evaluate: every image scored")
+  if lead:
+    _merge(out_dir, done, names)
+  distributed.barrier("evaluate: rows merged")
+  summary = summarize(_complete_rows(csv_path))
   summary["compilations"] = predictor.compilations - compilations_before
   summary["seconds"] = time.perf_counter() - start
   return summary
@@ -247,7 +294,20 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--resume", action="store_true",
                       help="continue a run in --out, skipping images already scored")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--coordinator_address", help="multi-process runs: HOST:PORT of "
+                      "process 0's coordinator (with --num_processes and --process_id)")
+  parser.add_argument("--num_processes", type=int, help="multi-process runs: how many")
+  parser.add_argument("--process_id", type=int, help="multi-process runs: this one, 0..N-1")
+  parser.add_argument("--distributed", action="store_true",
+                      help="multi-process runs where JAX detects the cluster (SLURM, Open "
+                           "MPI, TPU pods, Kubernetes)")
   args = parser.parse_args(argv)
+  try:
+    distributed.initialize(auto=args.distributed,
+                           coordinator_address=args.coordinator_address,
+                           num_processes=args.num_processes, process_id=args.process_id)
+  except ValueError as error:
+    parser.error(str(error))
   try:
     devices = jax.local_devices()
     if args.devices is not None:
@@ -267,13 +327,16 @@ def main(argv: list[str] | None = None) -> None:
                        run_info=run_info, progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")
+  if not distributed.is_lead():
+    return
   print(format_table(summary))
   if summary["no_unknown"]:
     print(f"MSE mean leaves out {len(summary['no_unknown'])} images without unknown pixels: "
           f"{', '.join(summary['no_unknown'][:5])}")
   print(f"{summary['images']} images ({summary['images'] - summary['scored']} without ground "
         f"truth) in {args.out}; {summary['compilations']} compilations, "
-        f"{summary['seconds']:.1f} s on {len(devices)} device(s)")
+        f"{summary['seconds']:.1f} s on {len(devices)} device(s)"
+        + (f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def adaptive_avg_pool_matrix(size: int, bins: int) -> np.ndarray:
   Bin i covers floor(i*size/bins) .. ceil((i+1)*size/bins) - 1; bins overlap when
   `size` is not a multiple of `bins`.
   """
-  matrix = np.zeros((bins, size), np.float32)
+  matrix = np.zeros((bins, size), np.float64)
   for i in range(bins):
     start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
     matrix[i, start:stop] = 1.0 / (stop - start)

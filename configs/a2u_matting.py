@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.eval_every = 6000
-  config.distributed = False  # jax.distributed.initialize() for multi-host runs
+  # Multi-host runs where JAX detects the cluster (SLURM, Open MPI, TPU pods, Kubernetes);
+  # train.py's --coordinator_address/--num_processes/--process_id for an explicit one.
+  config.distributed = False
   config.compilation_cache_dir = ""  # persistent XLA cache (speeds up restarts)
   return config

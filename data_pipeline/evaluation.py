@@ -143,10 +143,15 @@ def reflect_pad(array: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: int = 16,
-                 num_threads: int = 4) -> Iterator[dict]:
+                 num_threads: int = 4, shard_index: int = 0, num_shards: int = 1
+                 ) -> Iterator[dict]:
   """Padded evaluation batches, bucketed by padded shape, in a fixed order.
 
   Buckets come in order of first appearance; inside a bucket, items keep their order.
+  With several shards (one per process of a multi-host run) each bucket is cut into
+  global batches of batch_size * num_shards items and shard s takes the s-th slice of
+  each: every shard yields the same sequence of shapes (so collective programs line up),
+  the shards' valid images are disjoint and together they are the whole set.
 
   Each batch: `image` float32 (B, Hp, Wp, 3) in [0, 1]; `trimap` uint8 (B, Hp, Wp, 1);
   `alpha` uint8 (B, Hp, Wp, 1) (zeros where `has_alpha`, bool (B,), is False); `height`, `width` int32 (B,)
@@ -156,12 +161,16 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
   Args:
     items: from `folder_items`, `alphamatting_items`, `tfds_items`, `synthetic_items`.
     batch_size: images per batch (per host; a multiple of the device count for pmap).
+    shard_index, num_shards: this process's share (`jax.process_index()`,
+      `jax.process_count()` in a multi-host run).
     multiple: the padding multiple; 16 is the authors' rule (the network's stride). A
       larger multiple means fewer buckets (fewer compilations) but more border context
       than the authors' evaluation had.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
   if multiple < 1 or multiple % 16:
     raise ValueError(f"multiple must be a positive multiple of 16, got {multiple}")
   buckets: dict[tuple[int, int], list[EvalItem]] = {}
@@ -183,11 +192,13 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
             has_alpha)
 
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    global_batch = batch_size * num_shards
     for shape, bucket in buckets.items():
-      for start in range(0, len(bucket), batch_size):
-        chunk = bucket[start:start + batch_size]
+      for start in range(0, len(bucket), global_batch):
+        everyone = bucket[start:start + global_batch]
+        chunk = everyone[shard_index * batch_size:(shard_index + 1) * batch_size]
         valid = [True] * len(chunk) + [False] * (batch_size - len(chunk))
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        chunk = chunk + [(chunk or everyone)[-1]] * (batch_size - len(chunk))
         arrays = list(pool.map(lambda item: prepare(item, shape), chunk))
         yield {
             "image": np.stack([a[0] for a in arrays]),

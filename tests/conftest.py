@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+# The authors' reference outputs that ship with the tests (see its README).
+REFERENCE = pathlib.Path(__file__).resolve().parent / "data" / "reference"
 
 
 def _shared_file(relative: str) -> pathlib.Path:
@@ -24,8 +26,30 @@ def _shared_file(relative: str) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def reassembly_reference():
-  """Outputs of the authors' reassembly kernels (NCHW), see shared/reference/README.md."""
-  return dict(np.load(_shared_file("reference/reassembly_reference.npz")))
+  """Outputs of the authors' reassembly kernels (NCHW), see data/reference/README.md."""
+  return dict(np.load(REFERENCE / "reassembly_reference.npz"))
+
+
+def official_keys(share: str) -> dict[str, list[int]]:
+  """The official checkpoint's keys and shapes ("share" or "unshare")."""
+  return json.loads((REFERENCE / f"official_checkpoint_keys_{share}.json").read_text())
+
+
+def rule0_state_dict(share: str) -> dict[str, np.ndarray]:
+  """The "rule 0" weights of the reference files, rebuilt from their rule."""
+  rng = np.random.default_rng(0)
+  state = {}
+  for key, shape in sorted(official_keys(share).items()):
+    if key.endswith("num_batches_tracked"):
+      state[key] = np.zeros(shape, np.int64)
+    elif key.endswith("running_var"):
+      state[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    elif len(shape) == 4:
+      state[key] = (rng.standard_normal(shape) *
+                    np.sqrt(1 / (shape[1] * shape[2] * shape[3]))).astype(np.float32)
+    else:
+      state[key] = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+  return state
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +61,7 @@ def matting_reference():
 def random_torch_state_dict(share: str, seed: int = 0) -> dict[str, np.ndarray]:
   """Random values for every key of the authors' checkpoint ("share" or "unshare"), named
   and shaped as their PyTorch code holds them (module.-prefixed)."""
-  keys = json.loads(_shared_file(f"reference/official_checkpoint_keys_{share}.json").read_text())
+  keys = official_keys(share)
   rng = np.random.default_rng(seed)
   state = {}
   for key, shape in keys.items():

@@ -96,9 +96,10 @@ def test_resume_scores_only_what_is_missing(photo_folder, model_and_variables, t
     evaluate.evaluate(model, variables, items, out, resume=True, progress=False,
                       predictor=predictor, run_info={"data": "other"})
 
-  # A killed run: one PNG missing, and the CSV's last row (photo03, the second bucket) torn.
-  assert list(before) == ["photo01", "photo05", "photo03"]
-  (out / "alpha" / "photo05.png").unlink()
+  # A killed run: one PNG missing (photo03, the second bucket), and the CSV's last row
+  # (photo05) torn.
+  assert list(before) == ["photo01", "photo03", "photo05"]  # the items' order
+  (out / "alpha" / "photo03.png").unlink()
   text = (out / evaluate.METRICS_CSV).read_text()
   (out / evaluate.METRICS_CSV).write_text(text[:-20])
   untouched = (out / "alpha" / "photo01.png").stat().st_mtime_ns

@@ -55,7 +55,8 @@ class ABN(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-    x32 = x.astype(jnp.float32)
+    # Statistics in at least float32 (bfloat16 inputs), float64 where the model is.
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if train:
       axes = tuple(range(x.ndim - 1))
       count = math.prod(x.shape[:-1])

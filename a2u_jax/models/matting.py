@@ -46,7 +46,9 @@ class MattingNet(nn.Module):
       A2U's own options are the next five attributes.
     share, up_kernel_size, encode_kernel_size, rank, groups: A2U generator options.
     axis_name: device axis for synchronised batch statistics under pmap/shard_map.
-    dtype: computation dtype (None: float32); parameters are float32.
+    dtype: computation dtype (None: float32); parameters are float32. bfloat16 computes
+      the layers in bfloat16 (batch statistics and the output in float32); float64 (with
+      `jax_enable_x64`, and the variables cast to float64) computes everything in float64.
     dropout_rate: the ASPP's dropout while training (the authors': 0.5).
   """
 
@@ -153,7 +155,7 @@ class MattingNet(nn.Module):
 
     y = ConvABN(1, 3, name="head", **kw)(y, train)
     y = conv(1, 3, dtype=self.dtype, name="head_out")(y)
-    return y.astype(jnp.float32)
+    return y.astype(jnp.promote_types(self.dtype or jnp.float32, jnp.float32))
 
 
 def a2u_matting(share: bool = True, **overrides) -> MattingNet:

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from a2u_jax import checkpointing, evaluate as evaluation, metrics as matting_metrics, models
+from a2u_jax import checkpointing, distributed, evaluate as evaluation
+from a2u_jax import metrics as matting_metrics, models
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 
@@ -146,6 +147,7 @@ class _Run:
     devices = np.array(jax.devices() if devices is None else devices)
     self.mesh = jax.sharding.Mesh(devices, (steps.AXIS,))
     self.devices = devices.size
+    self.local_devices = sum(d.process_index == jax.process_index() for d in devices.flat)
     self.model = state_lib.model_from_config(config, axis_name=steps.AXIS)
     self.eval_model = state_lib.model_from_config(config)
     replicated = jax.sharding.PartitionSpec()
@@ -171,17 +173,33 @@ class _Run:
 
   @staticmethod
   def get(tree):
+    """A replicated tree (the state, metrics) on the host."""
     return jax.device_get(tree)
+
+  @staticmethod
+  def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-split array, in the order `shard` took them."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
 
 
 def _checkpoint_managers(workdir: pathlib.Path, config: ml_collections.ConfigDict):
+  """The last checkpoints and the best one. Collective: every process saves and restores.
+
+  Both may save the same step at once; their own barrier names keep orbax's multi-host
+  commit barriers (named by step) apart."""
+  def processes(name):
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
   latest = ocp.CheckpointManager(
       workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           multiprocessing_options=processes("latest")))
   best = ocp.CheckpointManager(
       workdir / "best",
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m["sad"], best_mode="min", create=True))
+          max_to_keep=1, best_fn=lambda m: m["sad"], best_mode="min", create=True,
+          multiprocessing_options=processes("best")))
   return latest, best
 
 
@@ -194,13 +212,18 @@ def _save(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
       metrics=metrics)
 
 
-def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config
-             ) -> tuple[state_lib.TrainState, int]:
+def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
+             sharding: jax.sharding.Sharding) -> tuple[state_lib.TrainState, int]:
+  """The latest checkpoint's state, placed with `sharding` on every process (a
+  multi-host restore must not land on another host's device), and its step."""
   step = manager.latest_step()
   if step is None:
     return state, 0
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), jax.numpy.asarray(leaf).dtype,
+                                        sharding=sharding), state)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   position = restored["data"]
   if position["seed"] != config.seed or position["batch_size"] != config.batch_size:
     raise ValueError(f"the checkpoint at step {step} was trained with seed "
@@ -263,25 +286,37 @@ class _Logger:
       self.writer.flush()
 
 
-def evaluate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
-  """Mean SAD and MSE (design.md §5 units) over evaluation items, all local devices."""
+def validate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
+  """Mean SAD and MSE (the papers' units) over evaluation items.
+
+  Every process of a multi-host run takes its slice of each global batch
+  (`eval_batches`' shards), predicts on its local devices and scores its images; the
+  scores are gathered, so every process returns the same means.
+  """
   import data_pipeline
 
-  batch_size = -(-batch_size // run.devices) * run.devices
-  sads, mses = [], []
-  for batch in data_pipeline.eval_batches(items, batch_size=batch_size):
-    for _, pred, gt, tri in evaluation.valid_predictions(batch, _predict_host(run, state, batch)):
-      sads.append(matting_metrics.sad(pred, gt, tri))
-      mses.append(matting_metrics.mse(pred, gt, tri))
-  return {"sad": float(np.mean(sads)), "mse": float(np.nanmean(mses))}
+  batch_size = -(-batch_size // run.local_devices) * run.local_devices
+  scores = []  # per batch slot: (sad, mse, is a real image)
+  for batch in data_pipeline.eval_batches(items, batch_size=batch_size,
+                                          shard_index=jax.process_index(),
+                                          num_shards=jax.process_count()):
+    predictions = evaluation.valid_predictions(batch, _predict_host(run, state, batch))
+    rows = [(matting_metrics.sad(pred, gt, tri), matting_metrics.mse(pred, gt, tri), 1.0)
+            for _, pred, gt, tri in predictions]
+    scores += rows + [(0.0, 0.0, 0.0)] * (batch_size - len(rows))
+  gathered = distributed.allgather(np.array(scores, np.float64).reshape(-1, 3))
+  sad, mse, real = gathered.reshape(-1, 3).T
+  real = real == 1.0
+  return {"sad": float(np.mean(sad[real])), "mse": float(np.nanmean(mse[real]))}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        *, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) a run in `workdir`; returns the last logged metrics."""
+  # Before anything asks JAX for devices (validate_config does); train.py has already
+  # started it when given an explicit coordinator.
+  distributed.initialize(auto=config.distributed)
   validate_config(config)
-  if config.distributed:
-    jax.distributed.initialize()
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -300,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   init_rng, dropout_rng = jax.random.split(rng)
   state = state_lib.create_train_state(config, init_rng, run.model)
   latest, best = _checkpoint_managers(workdir, config)
-  state, start_step = _restore(latest, state, config)
+  state, start_step = _restore(latest, state, config, run.replicated)
   logger = _Logger(workdir, lead)
   if lead:
     _truncate_metrics(logger.path, start_step)
@@ -341,13 +376,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logger.scalars(step, last)
       if config.image_summary_every and step % config.image_summary_every == 0:
         logger.images(step, batch, _predict_host(run, device_state, batch))
+      # Everything a step logs is written before its checkpoint is: a run killed after
+      # the checkpoint resumes past this step and would not log it again.
+      validating = config.eval_every > 0 and (step % config.eval_every == 0
+                                              or step == total_steps)
+      if validating:
+        values = validate(run, device_state, items, config.validation.batch_size)
+        logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
+        last.update({f"validation/{k}": v for k, v in values.items()})
       if step % config.checkpoint_every == 0 or step == total_steps:
         _save(latest, run.get(device_state), config)
-      if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
-        values = evaluate(run, device_state, items, config.validation.batch_size)
-        logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
+      if validating:
         _save(best, run.get(device_state), config, metrics=values)
-        last.update({f"validation/{k}": v for k, v in values.items()})
   except KeyboardInterrupt:
     try:
       host_state = run.get(device_state)
@@ -371,13 +411,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointing.save_model_checkpoint(
         workdir / "model", {"params": host_state.params, "batch_stats": host_state.batch_stats},
         state_lib.model_options(config), force=True)
+  distributed.barrier("final model written")
   return last
 
 
 def _predict_host(run: _Run, device_state, batch) -> np.ndarray:
+  """Predictions for this process's batch (collective: every process calls it)."""
   sharded = run.shard({"image": batch["image"], "trimap": batch["trimap"]})
-  return np.asarray(run.predict(device_state.replace(apply_fn=run.eval_model.apply),
-                                sharded["image"], sharded["trimap"]))
+  return run.local_rows(run.predict(device_state.replace(apply_fn=run.eval_model.apply),
+                                    sharded["image"], sharded["trimap"]))
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
