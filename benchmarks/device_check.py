@@ -45,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import reassembly  # noqa: E402  (benchmarks/reassembly.py)
+import train_step  # noqa: E402  (benchmarks/train_step.py)
 from a2u_jax import ops  # noqa: E402
 
 # Dense peak TFLOP/s per device kind (vendor data sheets), by the precision XLA runs a
@@ -117,16 +118,6 @@ def environment() -> dict[str, Any]:
   return info
 
 
-def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 # ------------------------------------------------------------------ 1. reassembly
 
 
@@ -148,126 +139,27 @@ def reassembly_rows(plan: Plan) -> list[dict]:
 # -------------------------------------------------------------- 2. training step
 
 
-def _train_batch(crop: int, size: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  alpha = rng.random((size, crop, crop, 1)).astype(np.float32)
-  fg = rng.random((size, crop, crop, 3)).astype(np.float32)
-  bg = rng.random((size, crop, crop, 3)).astype(np.float32)
-  trimap = rng.choice(np.array([0, 128, 255], np.uint8), (size, crop, crop, 1))
-  return {"image": alpha * fg + (1 - alpha) * bg, "fg": fg, "bg": bg, "alpha": alpha,
-          "trimap": trimap}
-
-
-def step_flops(lowered) -> float:
-  """The step's FLOPs from XLA's cost analysis of the program before optimisation.
-
-  The compiled executable's analysis is no count on GPU: convolutions become cuDNN
-  custom calls there, which it counts as 0 FLOPs. Before optimisation the count is the
-  same on every backend.
-  """
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def _peak_device_bytes(device) -> int | None:
-  stats = device.memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
-
-
 def jax_train_row(variant: str, crop: int, size: int, repeats: int) -> dict:
-  """The train.py step (configs/a2u_matting.py, one device) of one network variant."""
-  sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-  from a2u_jax.training import loop, state as state_lib
-  from configs import a2u_matting
-
-  config = a2u_matting.get_config()
-  config.crop_size, config.batch_size = crop, size
-  if variant == "unshare":
-    config.model.share = False
-  elif variant == "baseline":
-    config.model.resampler = "baseline"
-  device = jax.devices()[0]
-  run = loop._Run(config, devices=[device])
-  state = run.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), run.model))
-  batch, rng = run.shard(_train_batch(crop, size)), run.put(jax.random.PRNGKey(1))
-  start = time.perf_counter()
-  lowered = run.train_step.lower(state, batch, rng)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
-  flops = step_flops(lowered)
-  memory = compiled.memory_analysis()
-  state, metrics = compiled(state, batch, rng)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(repeats):
-    begin = time.perf_counter()
-    state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - begin)
-  seconds = min(times)
-  peak = _peak_device_bytes(device)
-  if peak is None and memory is not None:  # CPU: XLA's plan for this executable
-    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-            + memory.output_size_in_bytes)
-  tflops = peak_tflops(device.device_kind, "float32")
+  """train.py's step of one network variant (benchmarks/train_step.py), with its MFU."""
+  row = train_step.jax_row(crop, size, repeats, variant)
+  seconds, flops = row["seconds"], row["flops"]
+  tflops = peak_tflops(row["device_kind"], "float32")
   return {"row": f"a2u_jax {variant}", "step_ms": 1e3 * seconds, "images_per_s": size / seconds,
-          "compile_s": compile_s, "peak_memory_gb": None if peak is None else peak / 1e9,
+          "compile_s": row["compile"], "peak_memory_gb": row["peak_device_gb"],
           "tflop_per_step": flops / 1e12,
           "mfu": flops / seconds / (tflops * 1e12) if tflops and flops else None,
-          "loss": float(metrics["loss"])}
+          "loss": row["loss"]}
 
 
 def torch_train_row(crop: int, size: int, repeats: int) -> dict:
   """The PyTorch transcription's training step (A2U share) on the same device."""
-  sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
   import torch
 
-  from network import TorchA2UMatting
-
-  cuda = torch.cuda.is_available()
-  device = torch.device("cuda" if cuda else "cpu")
-  # JAX runs float32 convolutions and matmuls in TF32 at its default precision on NVIDIA
-  # GPUs: let PyTorch do the same, so both rows compute at the same precision.
-  torch.backends.cuda.matmul.allow_tf32 = True
-  torch.backends.cudnn.allow_tf32 = True
-  torch.backends.cudnn.benchmark = True
-  torch.manual_seed(0)
-  model = TorchA2UMatting().train().to(device)
-  groups = {"new": [], "encoder": []}
-  for name, parameter in model.named_parameters():
-    new = any(key in name for key in ("dconv", "pred", "short", "bconv", "bilinear"))
-    groups["new" if new else "encoder"].append(parameter)
-  optimizer = torch.optim.Adam([{"params": groups["new"]},
-                                {"params": groups["encoder"], "lr": 0.01 / 100}], lr=0.01)
-  batch = {k: torch.from_numpy(np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2)))).to(device)
-           for k, v in _train_batch(crop, size).items()}
-  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-  inputs = torch.cat([(batch["image"] - mean) / std, batch["trimap"].float() / 255], 1)
-  mask = (batch["trimap"] == 128).float()
-
-  def step():
-    prediction = model(inputs)
-    count = mask.sum(dim=(2, 3)) + 1
-    alpha_loss = (torch.sqrt(((prediction - batch["alpha"]) * mask) ** 2 + 1e-12)
-                  .sum(dim=(2, 3)) / count).sum() / size
-    composite = prediction * batch["fg"] + (1 - prediction) * batch["bg"]
-    colour_loss = (torch.sqrt(((composite - batch["image"]) * mask) ** 2 + 1e-12)
-                   .sum(dim=(2, 3)) / count).sum() / size
-    loss = 0.5 * alpha_loss + 0.5 * colour_loss
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    if cuda:
-      torch.cuda.synchronize()
-
-  step()  # cuDNN autotuning
-  seconds = _best_seconds(step, repeats)
-  peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-  return {"row": f"PyTorch {torch.__version__} A2U share (F.unfold)",
-          "step_ms": 1e3 * seconds, "images_per_s": size / seconds, "compile_s": None,
-          "peak_memory_gb": peak, "tflop_per_step": None, "mfu": None}
+  row = train_step.torch_row(crop, size, repeats,
+                             "cuda" if torch.cuda.is_available() else "cpu")
+  return {"row": f"{row['name']} A2U share (F.unfold)", "step_ms": 1e3 * row["seconds"],
+          "images_per_s": size / row["seconds"], "compile_s": None,
+          "peak_memory_gb": row["peak_device_gb"], "tflop_per_step": None, "mfu": None}
 
 
 def _in_child(function, *args) -> dict:
@@ -304,7 +196,7 @@ def inference_rows(plan: Plan, deadline: float) -> list[dict]:
         start = time.perf_counter()
         compiled = apply.lower(variables, inputs).compile()
         compile_s = time.perf_counter() - start
-        seconds = _best_seconds(
+        seconds = 1e-3 * reassembly.best_ms(
             lambda: jax.block_until_ready(compiled(variables, inputs)), plan.repeats)
         rows.append(label | {"ms": 1e3 * seconds, "images_per_s": 1 / seconds,
                              "compile_s": compile_s})

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _batch(crop: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(crop: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   alpha = rng.random((size, crop, crop, 1)).astype(np.float32)
   fg = rng.random((size, crop, crop, 3)).astype(np.float32)
@@ -37,7 +37,22 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def jax_row(crop: int, size: int, repeats: int) -> dict:
+def step_flops(lowered) -> float:
+  """The step's FLOPs from XLA's cost analysis of the program before optimisation.
+
+  The compiled executable's analysis is no count on GPU: convolutions become cuDNN
+  custom calls there, which it counts as 0 FLOPs. Before optimisation the count is the
+  same on every backend.
+  """
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def jax_row(crop: int, size: int, repeats: int, variant: str = "share") -> dict:
+  """train.py's step (configs/a2u_matting.py on one device) of A2U share, unshare or the
+  baseline: best step time, compile time, peak memory (device allocator where it keeps
+  statistics, else XLA's plan), FLOPs and the last loss."""
   sys.path.insert(0, str(ROOT))
   import jax
 
@@ -46,11 +61,17 @@ def jax_row(crop: int, size: int, repeats: int) -> dict:
 
   config = a2u_matting.get_config()
   config.crop_size, config.batch_size = crop, size
-  run = loop._Run(config, devices=jax.devices()[:1])
+  if variant == "unshare":
+    config.model.share = False
+  elif variant == "baseline":
+    config.model.resampler = "baseline"
+  device = jax.devices()[0]
+  run = loop._Run(config, devices=[device])
   state = run.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), run.model))
-  batch, rng = run.shard(_batch(crop, size)), run.put(jax.random.PRNGKey(1))
+  batch, rng = run.shard(random_batch(crop, size)), run.put(jax.random.PRNGKey(1))
   start = time.perf_counter()
-  compiled = run.train_step.lower(state, batch, rng).compile()
+  lowered = run.train_step.lower(state, batch, rng)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
@@ -60,26 +81,41 @@ def jax_row(crop: int, size: int, repeats: int) -> dict:
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return dict(seconds=min(times), compile=compile_s, rss=_peak_rss_gb())
+  peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  if peak is None:
+    memory = compiled.memory_analysis()
+    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+            + memory.output_size_in_bytes)
+  return dict(seconds=min(times), compile=compile_s, rss=_peak_rss_gb(),
+              peak_device_gb=peak / 1e9, flops=step_flops(lowered),
+              loss=float(metrics["loss"]), device_kind=device.device_kind)
 
 
-def torch_row(crop: int, size: int, repeats: int) -> dict:
+def torch_row(crop: int, size: int, repeats: int, device: str = "cpu") -> dict:
+  """The PyTorch transcription's training step (A2U share) on "cpu" or "cuda"."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import torch
   from network import TorchA2UMatting
 
+  cuda = device == "cuda"
+  if cuda:
+    # JAX runs float32 convolutions and matmuls in TF32 at its default precision on
+    # NVIDIA GPUs: PyTorch does the same here, so both compute at the same precision.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
-  model = TorchA2UMatting().train()
+  model = TorchA2UMatting().train().to(device)
   groups = {"new": [], "encoder": []}
   for name, parameter in model.named_parameters():
     new = any(key in name for key in ("dconv", "pred", "short", "bconv", "bilinear"))
     groups["new" if new else "encoder"].append(parameter)
   optimizer = torch.optim.Adam([{"params": groups["new"]},
                                 {"params": groups["encoder"], "lr": 0.01 / 100}], lr=0.01)
-  batch = {k: torch.from_numpy(np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))))
-           for k, v in _batch(crop, size).items()}
-  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  batch = {k: torch.from_numpy(np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2)))).to(device)
+           for k, v in random_batch(crop, size).items()}
+  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
   inputs = torch.cat([(batch["image"] - mean) / std, batch["trimap"].float() / 255], 1)
   mask = (batch["trimap"] == 128).float()
 
@@ -95,14 +131,17 @@ def torch_row(crop: int, size: int, repeats: int) -> dict:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    if cuda:
+      torch.cuda.synchronize()
 
-  step()
+  step()  # warm-up (cuDNN autotuning on GPU)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
   return dict(seconds=min(times), compile=None, rss=_peak_rss_gb(),
+              peak_device_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
               name=f"PyTorch {torch.__version__}")
 
 
