@@ -180,11 +180,16 @@ def inference_rows(plan: Plan, deadline: float) -> list[dict]:
 
   rows = []
   rng = np.random.default_rng(0)
+  a2u = jax.jit(models.a2u_matting().init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
+  # The baseline is the A2U network without its four kernel generators.
+  variables_of = {"A2U": a2u, "baseline": {
+      collection: {k: v for k, v in tree.items() if not k.startswith("gen")}
+      for collection, tree in a2u.items()}}
   for size in plan.inference_sizes:
     x = rng.normal(size=(1, size, size, 4)).astype(np.float32)
     x[..., 3] = rng.choice([0.0, 0.5, 1.0], size=(1, size, size))
     for name, build in (("A2U", models.a2u_matting), ("baseline", models.baseline_matting)):
-      variables = jax.jit(build().init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
+      variables = variables_of[name]
       for dtype in ("float32", "bfloat16"):
         label = {"model": name, "size": size, "dtype": dtype}
         if time.perf_counter() > deadline:
