@@ -32,8 +32,10 @@ def matting_loss(prediction: jax.Array, alpha: jax.Array, trimap: jax.Array,
     trimap: (B, H, W, 1), 128 marks the unknown region.
     fg, bg, image: (B, H, W, 3) in [0, 1]; image is the composite of fg and bg.
   """
-  prediction = prediction.astype(jnp.float32)
-  unknown = (trimap == 128).astype(jnp.float32)
+  # At least float32 (a bfloat16 network's output), float64 for a float64 network.
+  dtype = jnp.promote_types(prediction.dtype, jnp.float32)
+  prediction = prediction.astype(dtype)
+  unknown = (trimap == 128).astype(dtype)
   denominator = jnp.sum(unknown, axis=(1, 2, 3)) + 1.0
   alpha_loss = jnp.sum(_charbonnier((prediction - alpha) * unknown), axis=(1, 2, 3))
   composite = prediction * fg + (1.0 - prediction) * bg

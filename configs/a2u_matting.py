@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       resampler="a2u", share=True, up_kernel_size=3, encode_kernel_size=6, rank=1,
       groups=1, dropout_rate=0.5))
-  config.dtype = "float32"  # or "bfloat16" (compute only; parameters stay float32)
+  # or "bfloat16"; "float64" with JAX_ENABLE_X64=1 (compute only; parameters stay float32)
+  config.dtype = "float32"
   config.seed = 0
 
   # Optimisation: Adam, lr 0.01 (new parts) and 0.01 / 100 (ImageNet encoder), x0.1 after

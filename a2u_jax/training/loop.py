@@ -68,8 +68,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % devices:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{devices} devices")
-  if config.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+  if config.dtype not in state_lib.COMPUTE_DTYPES:
+    raise ValueError(f"config.dtype must be one of {', '.join(state_lib.COMPUTE_DTYPES)}, "
+                     f"got {config.dtype!r}")
+  if config.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError("config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1")
   if config.model.resampler not in models.RESAMPLERS:
     raise ValueError(f"config.model.resampler must be one of {', '.join(models.RESAMPLERS)}, "
                      f"got {config.model.resampler!r}")

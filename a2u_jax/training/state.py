@@ -27,10 +27,15 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+# config.dtype -> the network's compute dtype. Parameters stay float32 in every case;
+# float64 (with jax_enable_x64) computes the step exactly enough to compare layouts.
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
 def model_from_config(config: ml_collections.ConfigDict, axis_name: str | None = None
                       ) -> models.MattingNet:
   """The matting network of `config.model` (compute dtype from `config.dtype`)."""
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.dtype]
+  dtype = COMPUTE_DTYPES[config.dtype]
   return checkpointing.build_model(
       {**model_options(config), "axis_name": axis_name, "dtype": dtype})
 
