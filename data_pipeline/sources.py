@@ -126,11 +126,6 @@ def synthetic_source(num_foregrounds: int = 8, num_backgrounds: int = 16,
                      min_size: int = 320, max_size: int = 640, seed: int = 0,
                      backgrounds_per_foreground: int = 4) -> ArraySource:
   """Seeded synthetic foregrounds (hair, veils, holes) and backgrounds, made in memory."""
-  _check_positive("num_foregrounds", num_foregrounds)
-  _check_positive("num_backgrounds", num_backgrounds)
-  _check_positive("min_size", min_size)
-  if max_size < min_size:
-    raise ValueError(f"max_size ({max_size}) must be >= min_size ({min_size})")
   foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(
       num_foregrounds, num_backgrounds, min_size, max_size, seed)
   return ArraySource(f"synthetic(seed={seed})", foregrounds, alphas, backgrounds,

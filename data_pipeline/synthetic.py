@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_pipeline.files import check_positive
+
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int,
                   channels: int) -> np.ndarray:
@@ -108,6 +110,11 @@ def synthetic_dataset(num_foregrounds: int, num_backgrounds: int, min_size: int,
                       max_size: int, seed: int
                       ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
   """Foregrounds, alphas and backgrounds with sides drawn from [min_size, max_size]."""
+  check_positive("num_foregrounds", num_foregrounds)
+  check_positive("num_backgrounds", num_backgrounds)
+  check_positive("min_size", min_size)
+  if max_size < min_size:
+    raise ValueError(f"max_size ({max_size}) must be >= min_size ({min_size})")
   rng = np.random.default_rng(seed)
 
   def size():

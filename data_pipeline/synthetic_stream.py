@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import synthetic, trimaps
-from data_pipeline.files import check_positive
+from data_pipeline.files import check_positive, check_stream_arguments
 
 HFLIP_PROBABILITY = 0.5
 MIN_UNKNOWN_FOR_CENTRED_CROP = 10
@@ -43,13 +43,8 @@ class SyntheticStream:
   def __init__(self, num_foregrounds: int = 8, num_backgrounds: int = 16,
                min_size: int = 320, max_size: int = 640, seed: int = 0,
                backgrounds_per_foreground: int = 4):
-    check_positive("num_foregrounds", num_foregrounds)
-    check_positive("num_backgrounds", num_backgrounds)
-    check_positive("min_size", min_size)
     self.backgrounds_per_foreground = check_positive("backgrounds_per_foreground",
                                                      backgrounds_per_foreground)
-    if max_size < min_size:
-      raise ValueError(f"max_size ({max_size}) must be >= min_size ({min_size})")
     self.name = f"synthetic(seed={seed}, NumPy)"
     self.foregrounds, self.alphas, self.backgrounds = synthetic.synthetic_dataset(
         num_foregrounds, num_backgrounds, min_size, max_size, seed)
@@ -61,7 +56,8 @@ class SyntheticStream:
   def example(self, index: int, *, crop_size: int, seed: int) -> dict[str, np.ndarray]:
     """Global example `index` of the stream (a dict of unbatched arrays)."""
     epoch, position = divmod(index, self.epoch_length)
-    foreground = int(_epoch_order(seed, epoch, self.epoch_length)[position]) % len(self.foregrounds)
+    order = _epoch_order(seed, epoch, self.epoch_length)
+    foreground = int(order[position]) % len(self.foregrounds)
     rng = np.random.default_rng([seed, 0, index])
     fg, alpha = self.foregrounds[foreground], self.alphas[foreground]
     bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
@@ -91,17 +87,7 @@ class SyntheticStream:
     `data_pipeline.train_batches`: `image`, `fg`, `bg` float32 (B, crop, crop, 3) in
     [0, 1], `alpha` float32 (B, crop, crop, 1), `trimap` uint8 (B, crop, crop, 1) in
     {0, 128, 255}."""
-    check_positive("batch_size", batch_size)
-    check_positive("crop_size", crop_size)
-    check_positive("num_shards", num_shards)
-    if crop_size % 16:
-      raise ValueError(f"crop_size must be a multiple of 16 (the network's stride), got "
-                       f"{crop_size}")
-    if not 0 <= shard_index < num_shards:
-      raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got "
-                       f"{shard_index}")
-    if skip_batches < 0:
-      raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+    check_stream_arguments(batch_size, crop_size, shard_index, num_shards, skip_batches)
     make = functools.partial(self.example, crop_size=crop_size, seed=seed)
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       batch_index = skip_batches

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipeline import composition
+from data_pipeline.files import check_stream_arguments
 from data_pipeline.sources import Source
 
 _NO_END = 2**62
@@ -47,25 +48,11 @@ def example_dataset(source: Source, indices: tf.data.Dataset, *, crop_size: int,
   return indices.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _check_arguments(batch_size, crop_size, shard_index, num_shards, skip_batches):
-  for name, value in (("batch_size", batch_size), ("crop_size", crop_size),
-                      ("num_shards", num_shards)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if crop_size % 16:
-    raise ValueError(f"crop_size must be a multiple of 16 (the network's stride), got "
-                     f"{crop_size}")
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
-  if skip_batches < 0:
-    raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-
-
 def train_dataset(source: Source, *, batch_size: int, crop_size: int = 512, seed: int = 0,
                   shard_index: int = 0, num_shards: int = 1, skip_batches: int = 0,
                   use_opencv: bool | None = None) -> tf.data.Dataset:
   """The tf.data pipeline behind `train_batches` (batched dicts of tensors)."""
-  _check_arguments(batch_size, crop_size, shard_index, num_shards, skip_batches)
+  check_stream_arguments(batch_size, crop_size, shard_index, num_shards, skip_batches)
   global_batch = batch_size * num_shards
 
   def global_index(host_counter):

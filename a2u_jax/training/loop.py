@@ -327,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   source = _training_source(config)
   workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   workdir.mkdir(parents=True, exist_ok=True)
-  lead = jax.process_index() == 0
+  lead = distributed.is_lead()
   if lead:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run = _Run(config)
