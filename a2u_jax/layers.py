@@ -59,14 +59,14 @@ def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
                          padding: int) -> jax.Array:
   """Depthwise cross-correlation with a different kernel bank per sample.
 
-  x (N, H, W, C); kernels (N, k, k, C, M) -> (N, H', W', C, M): output (c, m) is channel c
-  correlated (PyTorch conv2d semantics, zero padding) with kernels[n, :, :, c, m].
+  x (N, H, W, C); kernels (N, k, k, C, M), or (N, k, k, 1, M) for banks shared by all
+  channels -> (N, H', W', C, M): output (c, m) is channel c correlated (PyTorch conv2d
+  semantics, zero padding) with kernels[n, :, :, c, m] (kernels[n, :, :, 0, m] if shared).
 
   The forward is one fused sum of k*k strided slices (XLA:CPU runs grouped convolutions
-  with per-sample kernels several times slower), and so is the input's VJP; training keeps
-  no per-tap residuals.
+  with per-sample kernels several times slower); training keeps no per-tap residuals.
   """
-  n, hh, ww, c = x.shape
+  _, hh, ww, _ = x.shape
   k = kernels.shape[1]
   out_h = (hh + 2 * padding - k) // stride + 1
   out_w = (ww + 2 * padding - k) // stride + 1
@@ -86,38 +86,51 @@ def _per_sample_depthwise_fwd(x, kernels, stride, padding):
 
 
 def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
-  """Hand-written VJP: XLA:CPU's grouped-convolution VJPs cost ~20x the forward here.
+  """Hand-written VJP (XLA:CPU's grouped-convolution VJPs cost ~20x the forward here).
 
-  d x: each tap's cotangent contribution placed back on the (padded) input grid, which is
-  the transpose of a strided slice: a pad with interior padding; all taps in one fused sum.
-  d kernels: per tap, the window times the cotangent summed over positions, for all taps
-  at once as one batched contraction of the stacked windows.
+  d x: the padded input split into its stride x stride phases; tap (ky, kx) sends its
+  cotangent to phase (ky % s, kx % s) shifted by (ky // s, kx // s), so each phase is one
+  fused sum of unit-stride windows of the cotangent, and the phases interleave back.
+  d kernels: per output pixel, a dot product over channels (shared banks) or a product
+  summed over pixels (per-channel banks) of each tap's window with the cotangent, one
+  batched matrix product per tap row (`ops.tap_row_products`).
   """
   x, kernels = residuals
   n, hh, ww, c = x.shape
-  k = kernels.shape[1]
-  _, out_h, out_w, _, _ = cotangent.shape
-  hp, wp = hh + 2 * padding, ww + 2 * padding
-  # Per-position, per-channel cotangent of each tap's window: sum over the M outputs.
-  zero = jnp.zeros((), x.dtype)
-  dx = None
-  for ky in range(k):
-    for kx in range(k):
-      contribution = jnp.sum(cotangent * kernels[:, None, None, ky, kx], axis=-1)
-      config = ((0, 0, 0),
-                (ky, hp - ky - stride * (out_h - 1) - 1, stride - 1),
-                (kx, wp - kx - stride * (out_w - 1) - 1, stride - 1),
-                (0, 0, 0))
-      placed = lax.pad(contribution, zero, config)
-      dx = placed if dx is None else dx + placed
-  dx = dx[:, padding:padding + hh, padding:padding + ww]
+  k, s = kernels.shape[1], stride
+  _, out_h, out_w, _, m = cotangent.shape
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  windows = jnp.stack([xp[:, ky:ky + stride * (out_h - 1) + 1:stride,
-                          kx:kx + stride * (out_w - 1) + 1:stride]
-                       for ky in range(k) for kx in range(k)], axis=1)  # (N, k*k, h, w, C)
-  dk = jnp.einsum("ntyxc,nyxcm->ntcm", windows, cotangent,
-                  precision=lax.Precision.HIGHEST)
-  return dx, dk.reshape(kernels.shape)
+  rows, u, v = ops.phase_split(xp, s)
+
+  q = (k - 1) // s
+  ctp = jnp.pad(cotangent, ((0, 0), (q, u - out_h), (q, v - out_w), (0, 0), (0, 0)))
+  phases = []
+  for a in range(s):
+    row = []
+    for b in range(s):
+      total = jnp.zeros((n, u, v, c), x.dtype)
+      for ky in range(a, k, s):
+        for kx in range(b, k, s):
+          window = ctp[:, q - ky // s:q - ky // s + u, q - kx // s:q - kx // s + v]
+          total = total + jnp.sum(window * kernels[:, None, None, ky, kx], axis=-1)
+      row.append(total)
+    phases.append(jnp.stack(row, axis=3))                      # (N, U, V, s, C)
+  dxp = jnp.stack(phases, axis=2).reshape(n, s * u, s * v, c)  # row u*s + a
+  dx = dxp[:, padding:padding + hh, padding:padding + ww]
+
+  row_starts = [(ky % s) * u + ky // s for ky in range(k)]
+  col_starts = [(kx % s) * v + kx // s for kx in range(k)]
+  if kernels.shape[3] == 1:
+    # Shared banks: per pixel, contract channels; then sum the pixels (small).
+    dk = jnp.stack([jnp.sum(ops.tap_row_products(
+        rows, cotangent[..., j], "nyxtc,nyxc->nyxt", row_starts, col_starts,
+        (out_h, out_w)), axis=(1, 2)) for j in range(m)], axis=-1)   # (N, k, k, M)
+    dk = dk[:, :, :, None]
+  else:
+    dk = ops.tap_row_products(rows, cotangent, "nyxtc,nyxcm->ncmt", row_starts,
+                              col_starts, (out_h, out_w))              # (N, C, M, k, k)
+    dk = jnp.transpose(dk, (0, 3, 4, 1, 2))
+  return dx, dk.astype(kernels.dtype)
 
 
 per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)
@@ -193,8 +206,7 @@ class A2UKernelGenerator(nn.Module):
     encoded = []
     for name in ("u", "v"):
       bank = nn.Dense(banks, dtype=dtype, name=f"encode_{name}")(pooled)   # (N, k, k, banks)
-      bank = bank.reshape(n, k, k, d, -1)                                  # (.., d, C or 1)
-      bank = jnp.broadcast_to(bank, (n, k, k, d, c)).transpose(0, 1, 2, 4, 3)
+      bank = bank.reshape(n, k, k, d, -1).transpose(0, 1, 2, 4, 3)         # (.., C or 1, d)
       out = per_sample_depthwise(x, bank, 2, (k - 1) // 2)              # (N,h,w,C,d)
       # Each rank slice is normalised on its own, as the paper's implementation does.
       out = out.transpose(0, 4, 1, 2, 3).reshape(n * d, h // 2, w // 2, c)

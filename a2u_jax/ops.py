@@ -29,7 +29,7 @@ Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps 
 two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a
 transposed reassembly (a fused sum of shifted windows of the cotangent times the kernels);
 the kernel cotangent contracts the cotangent with shifted feature windows over channels,
-computed channel-major as a scan of elementwise updates (see `_scan_channels`).
+one batched matrix product per tap row (see `tap_row_products`).
 
 Inputs may be float16, bfloat16, float32 or float64; low-precision inputs are accumulated
 in float32 and the result is cast back to the inputs' common dtype.
@@ -150,38 +150,46 @@ def _taps(k: int):
 # sums over taps of windows of zero-padded inputs, which XLA fuses into one loop each: no
 # intermediate is larger than the op's own inputs and outputs.
 #
-# The kernel cotangent contracts over channels. XLA:CPU materialises every window that
-# feeds a reduction or a dot (K*K windows: the patch tensor we must avoid), so it is
-# computed channel-major instead: a scan over channel chunks that adds, per chunk, the
-# products of cotangent planes with unit-stride windows of the feature planes into a
-# (taps x pixels) accumulator: elementwise work only, one kernel-cotangent of memory.
+# The kernel cotangent is, per output pixel and tap, a dot product over channels of a
+# shifted feature window with the cotangent: a batched matrix product of the stacked
+# windows (taps x channels) with the cotangent (channels). A scan over tap rows makes one
+# product per row, so the stacked windows of only one row exist at a time (K/4 times the
+# features for down, K/4 times the output for up), and the products are fusion
+# boundaries: the cotangent is computed once however many taps read it (XLA:CPU otherwise
+# fuses its producer into every tap's reduction).
 
 
-def _channel_chunk(cg: int) -> int:
-  return max(d for d in range(1, 9) if cg % d == 0)
+def phase_split(x: jax.Array, stride: int) -> tuple[jax.Array, int, int]:
+  """(N, H, W, ...) -> ((N, s*U, s*V, ...), U, V) with U = ceil(H/s), V = ceil(W/s).
 
-
-def _scan_channels(terms, planes: tuple[jax.Array, ...]) -> jax.Array:
-  """Sums terms(*one_channel_planes) (a list of T arrays) over the planes' leading axis.
-
-  Returns the T sums stacked on a new leading axis. Each of the T accumulators is its own
-  scan carry, so every update is one fused elementwise loop with no stacking copy. The
-  first chunk initialises the carry (rather than zeros), so the carry has the inputs'
-  type, device-varying ones included under shard_map.
+  Row s*u + a of x (zero-padded at the end to s*U rows) moves to row a*U + u, columns
+  likewise, so a stride-s window starting at row r is the unit-stride window starting at
+  row (r % s)*U + r // s.
   """
-  chunk = _channel_chunk(planes[0].shape[0])
-  chunked = tuple(p.reshape((-1, chunk) + p.shape[1:]) for p in planes)
+  n, h, w = x.shape[:3]
+  u, v = -(-h // stride), -(-w // stride)
+  rest = x.shape[3:]
+  x = jnp.pad(x, ((0, 0), (0, stride * u - h), (0, stride * v - w)) + ((0, 0),) * len(rest))
+  x = x.reshape((n, u, stride, v, stride) + rest)
+  x = jnp.transpose(x, (0, 2, 1, 4, 3) + tuple(range(5, 5 + len(rest))))
+  return x.reshape((n, stride * u, stride * v) + rest), u, v
 
-  def chunk_sums(xs):
-    per_channel = [terms(*(x[c] for x in xs)) for c in range(chunk)]
-    return tuple(_sum(t[i] for t in per_channel) for i in range(len(per_channel[0])))
 
-  def step(acc, xs):
-    return tuple(a + s for a, s in zip(acc, chunk_sums(xs))), None
+def tap_row_products(rows: jax.Array, ct: jax.Array, spec: str, row_starts: list[int],
+                     col_starts: list[int], size: tuple[int, int]) -> jax.Array:
+  """einsum(spec, stacked windows of one tap row, ct) for every tap row: (..., ky, kx).
 
-  first = chunk_sums(tuple(p[0] for p in chunked))
-  acc, _ = lax.scan(step, first, tuple(p[1:] for p in chunked))
-  return jnp.stack(acc)
+  Tap (ky, kx) reads the unit-stride `size` window of `rows` (N, R, C', ...) at
+  (row_starts[ky], col_starts[kx]); the row's windows are stacked on a new axis before
+  the last of `rows` (N, h, w, ..., kx, C), and spec must put kx last in its output.
+  """
+  def row(_, start):
+    band = lax.dynamic_slice_in_dim(rows, start, size[0], axis=1)
+    windows = jnp.stack([_read_slice(band, (0, c), 1, size) for c in col_starts], axis=-2)
+    return None, jnp.einsum(spec, windows, ct, precision=lax.Precision.HIGHEST)
+
+  _, grads = lax.scan(row, None, jnp.asarray(row_starts, jnp.int32))
+  return jnp.moveaxis(grads, 0, -2)
 
 
 def _up_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
@@ -198,18 +206,13 @@ def _up_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
 
 def _up_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
   """d out / d m contracted with ct (N, 2h, 2w, G, Cg) -> (N, 2h, 2w, G, T)."""
+  del read  # Unit-stride windows of one tap row are slices under both implementations.
   n, h, w, g, cg = f.shape
-  f_planes = jnp.transpose(_pad_hw(f, (k - 1) // 2), (4, 0, 3, 1, 2))  # (Cg, N, G, hp, wp)
-  # (Cg, N, G, i, j, h, w): the cotangent split into its 2 x 2 output phases.
-  ct_planes = jnp.transpose(ct.reshape(n, h, 2, w, 2, g, cg), (6, 0, 5, 2, 4, 1, 3))
-
-  def terms(fc, ctc):  # fc (N, G, hp, wp), ctc (N, G, 2, 2, h, w)
-    return [ctc * read(fc, (ky, kx), 1, (h, w), axis=2)[:, :, None, None]
-            for ky, kx, _ in _taps(k)]
-
-  acc = _scan_channels(terms, (f_planes, ct_planes))
-  # acc (T, N, G, i, j, h, w) -> (N, h, i, w, j, G, T)
-  return jnp.transpose(acc, (1, 5, 3, 6, 4, 2, 0)).reshape(n, 2 * h, 2 * w, g, k * k)
+  # Both output phases (i, j) of a coarse pixel read the same windows: one product per
+  # coarse pixel of (taps x Cg) windows with the (Cg x 2 x 2) cotangent.
+  grad = tap_row_products(_pad_hw(f, (k - 1) // 2), ct.reshape(n, h, 2, w, 2, g, cg),
+                          "nyxgtc,nyixjgc->nyixjgt", list(range(k)), list(range(k)), (h, w))
+  return grad.reshape(n, 2 * h, 2 * w, g, k * k)
 
 
 def _up_feature_grad(read: Reader, m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
@@ -237,20 +240,14 @@ def _down_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array
 
 def _down_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
   """ct (N, H/2, W/2, G, Cg) -> (N, H/2, W/2, G, T)."""
+  del read
   n, h, w, g, cg = ct.shape
-  fp = _pad_hw(f, (k - 2) // 2)
-  hp, wp = fp.shape[1] // 2, fp.shape[2] // 2
-  # (Cg, N, G, a, b, hp, wp): padded input row 2u + a is phase a, row u; tap ky reads
-  # phase ky % 2 from row y + ky // 2, a unit-stride window.
-  f_planes = jnp.transpose(fp.reshape(n, hp, 2, wp, 2, g, cg), (6, 0, 5, 2, 4, 1, 3))
-  ct_planes = jnp.transpose(ct, (4, 0, 3, 1, 2))                 # (Cg, N, G, h, w)
-
-  def terms(fc, ctc):
-    return [ctc * read(fc[:, :, ky % 2, kx % 2], (ky // 2, kx // 2), 1, (h, w), axis=2)
-            for ky, kx, _ in _taps(k)]
-
-  acc = _scan_channels(terms, (f_planes, ct_planes))
-  return jnp.transpose(acc, (1, 3, 4, 2, 0))  # (T, N, G, h, w) -> (N, h, w, G, T)
+  # Tap (ky, kx) reads the stride-2 window at (ky, kx) of the padded features.
+  rows, hp, wp = phase_split(_pad_hw(f, (k - 2) // 2), 2)
+  grad = tap_row_products(rows, ct, "nyxgtc,nyxgc->nyxgt",
+                          [(ky % 2) * hp + ky // 2 for ky in range(k)],
+                          [(kx % 2) * wp + kx // 2 for kx in range(k)], (h, w))
+  return grad.reshape(n, h, w, g, k * k)
 
 
 def _down_feature_grad(read: Reader, m: jax.Array, ct: jax.Array, k: int) -> jax.Array:

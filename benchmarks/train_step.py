@@ -1,12 +1,16 @@
-"""One training step (forward, the authors' loss, backward, Adam): ours beside PyTorch.
+"""One training step (forward, the authors' loss, backward, Adam): A2U beside the baseline
+network and beside PyTorch.
 
-    python benchmarks/train_step.py [--cases 512x16 128x4] [--repeats 2] [--no-torch]
+    python benchmarks/train_step.py [--cases 128x4 256x4] [--repeats 3] [--no-torch]
 
-Rows per case (crop size x batch): a2u_jax (the train step of train.py, jitted, float32,
-one device) and the PyTorch transcription of the authors' network from
-benchmarks/network.py in train mode with the same loss and Adam parameter groups (CPU;
-skipped without torch). Each row runs in its own process so its peak resident memory is
-its own. Columns: best-of-N step time, images/s, compile time, peak RSS.
+Rows per case (crop size x batch): the train step of train.py (jitted, float32, one
+device) for the A2U network (share) and for the baseline network, and the PyTorch
+transcription of the authors' A2U network from benchmarks/network.py in train mode with the
+same loss and Adam parameter groups (CPU; skipped without torch). Each row runs in its own
+process so its peak resident memory is its own. Columns: best-of-N step time, images/s,
+the training step's compile time, the compile time of the network's inference
+(`apply(..., train=False)`) at the same shape, peak RSS. Below each case: A2U's step over
+the baseline's, and our A2U images/s over PyTorch's.
 """
 
 from __future__ import annotations
@@ -49,10 +53,12 @@ def step_flops(lowered) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def jax_row(crop: int, size: int, repeats: int, variant: str = "share") -> dict:
+def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
+            inference: bool = False) -> dict:
   """train.py's step (configs/a2u_matting.py on one device) of A2U share, unshare or the
   baseline: best step time, compile time, peak memory (device allocator where it keeps
-  statistics, else XLA's plan), FLOPs and the last loss."""
+  statistics, else XLA's plan), FLOPs and the last loss; with `inference`, also the
+  compile time of the network's inference at the same shape."""
   sys.path.insert(0, str(ROOT))
   import jax
 
@@ -81,13 +87,20 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share") -> dict:
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  inference_compile = None
+  if inference:
+    x = jax.numpy.zeros((size, crop, crop, 4), jax.numpy.float32)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    start = time.perf_counter()
+    jax.jit(lambda v, x: run.model.apply(v, x, train=False)).lower(variables, x).compile()
+    inference_compile = time.perf_counter() - start
   peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
   if peak is None:
     memory = compiled.memory_analysis()
     peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
             + memory.output_size_in_bytes)
-  return dict(seconds=min(times), compile=compile_s, rss=_peak_rss_gb(),
-              peak_device_gb=peak / 1e9, flops=step_flops(lowered),
+  return dict(seconds=min(times), compile=compile_s, inference_compile=inference_compile,
+              rss=_peak_rss_gb(), peak_device_gb=peak / 1e9, flops=step_flops(lowered),
               loss=float(metrics["loss"]), device_kind=device.device_kind)
 
 
@@ -140,7 +153,7 @@ def torch_row(crop: int, size: int, repeats: int, device: str = "cpu") -> dict:
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return dict(seconds=min(times), compile=None, rss=_peak_rss_gb(),
+  return dict(seconds=min(times), compile=None, inference_compile=None, rss=_peak_rss_gb(),
               peak_device_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
               name=f"PyTorch {torch.__version__}")
 
@@ -154,11 +167,15 @@ def _in_child(function, *args) -> dict:
       return {"error": f"{type(error).__name__}: {error}"[:80]}
 
 
+def _seconds(value: float | None) -> str:
+  return "" if value is None else f"{value:.1f}"
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--cases", nargs="+", default=["512x16", "128x4"],
+  parser.add_argument("--cases", nargs="+", default=["128x4", "256x4"],
                       help="CROPxBATCH; crop a multiple of 16")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args(argv)
   cases = []
@@ -173,25 +190,33 @@ def main(argv=None) -> None:
   except ImportError:
     have_torch = False
 
-  print("| case | implementation | step (s) | images/s | compile (s) | peak RSS (GB) |")
-  print("|---|---|---|---|---|---|")
+  print("| case | implementation | step (s) | images/s | compile, train step (s) | "
+        "compile, inference (s) | peak RSS (GB) |")
+  print("|---|---|---|---|---|---|---|")
   for crop, size in cases:
-    rows = [("a2u_jax (float32, jit)", _in_child(jax_row, crop, size, args.repeats))]
+    label = f"{crop}x{crop}, batch {size}"
+    rows = {"A2U": _in_child(jax_row, crop, size, args.repeats, "share", True),
+            "baseline": _in_child(jax_row, crop, size, args.repeats, "baseline", True)}
     if have_torch:
-      result = _in_child(torch_row, crop, size, args.repeats)
-      rows.append((result.pop("name", "PyTorch"), result))
+      rows["PyTorch"] = _in_child(torch_row, crop, size, args.repeats)
     else:
-      rows.append(("PyTorch", {"error": "skipped: torch not installed"}))
-    for name, r in rows:
+      rows["PyTorch"] = {"error": "skipped: torch not installed"}
+    names = {"A2U": "a2u_jax A2U (float32, jit)", "baseline": "a2u_jax baseline (float32, jit)",
+             "PyTorch": rows["PyTorch"].pop("name", "PyTorch") + " A2U"}
+    for key, r in rows.items():
       if "error" in r:
-        print(f"| {crop}x{crop}, batch {size} | {name} | {r['error']} | | | |")
+        print(f"| {label} | {names[key]} | {r['error']} | | | | |")
         continue
-      compile_s = "" if r["compile"] is None else f"{r['compile']:.1f}"
-      print(f"| {crop}x{crop}, batch {size} | {name} | {r['seconds']:.2f} | "
-            f"{size / r['seconds']:.2f} | {compile_s} | {r['rss']:.1f} |", flush=True)
-    ours, theirs = rows[0][1], rows[1][1]
+      print(f"| {label} | {names[key]} | {r['seconds']:.3f} | {size / r['seconds']:.2f} | "
+            f"{_seconds(r['compile'])} | {_seconds(r['inference_compile'])} | "
+            f"{r['rss']:.1f} |", flush=True)
+    ours, baseline, theirs = rows["A2U"], rows["baseline"], rows["PyTorch"]
+    if "error" not in ours and "error" not in baseline:
+      print(f"| {label} | A2U step / baseline step (target <= 1.5) | "
+            f"{ours['seconds'] / baseline['seconds']:.2f}x | | | | |")
     if "error" not in ours and "error" not in theirs:
-      print(f"|   | ours / PyTorch images/s | {theirs['seconds'] / ours['seconds']:.2f}x | | | |")
+      print(f"| {label} | ours / PyTorch images/s, A2U (target >= 1.0) | "
+            f"{theirs['seconds'] / ours['seconds']:.2f}x | | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,19 @@ def test_data_pipeline_benchmark_prints_its_table():
   assert "x |" in out
 
 
-@pytest.mark.slow  # compiles the full training step (~1 min on two cores)
+@pytest.mark.slow  # compiles two training steps and two inferences (~1 min on two cores)
 def test_train_step_benchmark_prints_its_table():
   out = _run("benchmarks/train_step.py", "--cases", "32x2", "--repeats", "1")
-  assert "| 32x32, batch 2 | a2u_jax (float32, jit) |" in out
-  assert "PyTorch" in out
+  rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[3:-1]]
+          for line in out.splitlines() if line.startswith("| 32x32, batch 2 |")}
+  for name in ("a2u_jax A2U (float32, jit)", "a2u_jax baseline (float32, jit)"):
+    step, images, train_compile, inference_compile, _ = rows[name]
+    assert float(step) > 0 and float(train_compile) > 0 and float(inference_compile) > 0
+  ratio = rows["A2U step / baseline step (target <= 1.5)"][0]
+  assert float(ratio.rstrip("x")) == pytest.approx(
+      float(rows["a2u_jax A2U (float32, jit)"][0])
+      / float(rows["a2u_jax baseline (float32, jit)"][0]), rel=0.02)
+  assert any(name.startswith("PyTorch") for name in rows)
 
 
 @pytest.mark.slow  # two training-step compilations (~2 min on two cores)

@@ -164,3 +164,16 @@ def test_per_sample_depthwise_matches_grouped_convolution_and_its_gradient():
     want = jax.vjp(lambda a, b: _depthwise_by_conv(a, b, 2, 2), x_odd, k64)[1](ct)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+    # Banks shared by all channels ((N, k, k, 1, M)) are the per-channel banks broadcast,
+    # and their gradient is the per-channel gradient summed over channels; stride 3 and
+    # odd sizes exercise the phase split.
+    shared = np.random.default_rng(2).standard_normal((2, 5, 5, 1, 2))
+    broadcast = np.broadcast_to(shared, (2, 5, 5, 3, 2))
+    ct3 = np.random.default_rng(3).standard_normal((2, 3, 4, 3, 2))
+    got = jax.vjp(lambda a, b: layers.per_sample_depthwise(a, b, 3, 2), x_odd, shared)
+    want = jax.vjp(lambda a, b: _depthwise_by_conv(a, b, 3, 2), x_odd, broadcast)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    got, want = got[1](ct3), want[1](ct3)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got[1], want[1].sum(axis=3, keepdims=True), rtol=1e-10,
+                               atol=1e-10)
