@@ -200,7 +200,8 @@ def main(argv=None) -> None:
     if have_torch:
       rows["PyTorch"] = _in_child(torch_row, crop, size, args.repeats)
     else:
-      rows["PyTorch"] = {"error": "skipped: torch not installed"}
+      reason = "--no-torch" if args.no_torch else "torch not installed"
+      rows["PyTorch"] = {"error": f"skipped: {reason}"}
     names = {"A2U": "a2u_jax A2U (float32, jit)", "baseline": "a2u_jax baseline (float32, jit)",
              "PyTorch": rows["PyTorch"].pop("name", "PyTorch") + " A2U"}
     for key, r in rows.items():

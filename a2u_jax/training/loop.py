@@ -17,6 +17,7 @@ interrupted one would have seen, and logs the same losses.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -357,12 +358,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   last: dict[str, Any] = {}
   bar = _progress_bar(start_step, total_steps, progress and lead)
   step = start_step
+  # Where the run's time goes, logged at the end: the first step (which compiles the
+  # training step), the other steps, validation (its first call compiles the
+  # prediction) and checkpoints.
+  spent = collections.Counter()
+  if lead and step < total_steps:
+    log.info("compiling the training step (the first step waits for it)")
   try:
     while step < total_steps:
       started = time.perf_counter()
       batch = next(batches)
       device_state, step_metrics = run.train_step(device_state, run.shard(batch), device_rng)
       step_metrics = run.get(step_metrics)
+      first = step == start_step
+      spent["first step (compiles)" if first else "other steps"] += (
+          time.perf_counter() - started)
+      if first and lead:
+        log.info("first step done in %.1f s (including the compile)",
+                 time.perf_counter() - started)
       if not step_metrics.pop("finite"):
         raise NonFiniteError(
             f"step {step + 1}: the loss ({float(step_metrics['loss'])}) or the gradient "
@@ -384,13 +397,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       validating = config.eval_every > 0 and (step % config.eval_every == 0
                                               or step == total_steps)
       if validating:
+        started = time.perf_counter()
         values = validate(run, device_state, items, config.validation.batch_size)
+        spent["validation"] += time.perf_counter() - started
         logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
         last.update({f"validation/{k}": v for k, v in values.items()})
+      started = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == total_steps:
         _save(latest, run.get(device_state), config)
       if validating:
         _save(best, run.get(device_state), config, metrics=values)
+      spent["checkpoints"] += time.perf_counter() - started
   except KeyboardInterrupt:
     try:
       host_state = run.get(device_state)
@@ -415,6 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         workdir / "model", {"params": host_state.params, "batch_stats": host_state.batch_stats},
         state_lib.model_options(config), force=True)
   distributed.barrier("final model written")
+  if lead and spent:
+    log.info("time: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items()))
   return last
 
 
