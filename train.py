@@ -2,7 +2,9 @@
 
   python train.py --config configs/smoke.py --workdir /tmp/run [--config.batch_size=8 ...]
 
-Rerunning with the same --workdir resumes from its last checkpoint.
+Rerunning with the same --workdir resumes from its last checkpoint. Ctrl-C or SIGTERM
+stops after the current step with its checkpoint written (exit status 130 / 143); a
+second Ctrl-C stops at once. Errors print one line (--verbose: with the traceback).
 
 Several hosts (JAX's multi-controller runtime, one process per host, every process with
 the same command and --workdir on storage they share):
@@ -11,7 +13,10 @@ or, where JAX detects the cluster itself (SLURM, Open MPI, TPU pods, Kubernetes)
   python train.py ... --config.distributed=True
 """
 
+import difflib
 import logging
+import signal
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -24,7 +29,59 @@ flags.DEFINE_string("coordinator_address", None,
                     "Multi-process runs: HOST:PORT where process 0 serves the coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process, 0..N-1.")
+flags.DEFINE_bool("verbose", False, "On errors, print the traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _load_config(argv: list[str]):
+  """The config that --config names (FILE or FILE:ARGUMENT), loaded as config_flags does;
+  None when it cannot be."""
+  import importlib.util
+
+  values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+  values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+  if not values:
+    return None
+  path, _, argument = values[-1].partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_config_for_errors", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+  except Exception:  # The override's own error is reported instead.
+    return None
+
+
+def _override_error(argv: list[str], error: Exception) -> str:
+  """One line for a --config.PATH override that failed: the unknown field and its nearest
+  valid names, or the parser's own complaint about the value."""
+  config = _load_config(argv)
+  for arg in argv[1:] if config is not None else ():
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, where = config, "config"
+    for part in path.split("."):
+      fields = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in fields:
+        if not fields:
+          return f"--config.{path}: {where} is a value, not a group of fields"
+        nearest = difflib.get_close_matches(part, fields, n=3, cutoff=0.5)
+        hint = (f"did you mean {' or '.join(nearest)}?" if nearest
+                else f"its fields are {', '.join(sorted(fields))}")
+        return f"--config.{path}: {where} has no field {part!r}; {hint}"
+      node, where = node[part], f"{where}.{part}"
+  return f"--config: {str(error).strip()}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with one-line errors instead of tracebacks."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f"error: {error} (--helpfull lists the flags)")
+  except Exception as error:  # ml_collections' errors for bad --config.PATH overrides
+    sys.exit(f"error: {_override_error(argv, error)}")
 
 
 def main(argv):
@@ -36,6 +93,12 @@ def main(argv):
 
   FLAGS = flags.FLAGS
   try:
+    FLAGS.config.keys()  # A config file that failed to load is reported on first use.
+  except OSError as error:
+    lines = [line.strip() for line in str(error.__cause__ or error).splitlines()
+             if line.strip()]
+    sys.exit(f"error: --config: {lines[-1] if lines else error}")
+  try:
     # First, before anything asks JAX for its devices.
     distributed.initialize(auto=FLAGS.config.distributed,
                            coordinator_address=FLAGS.coordinator_address,
@@ -43,11 +106,19 @@ def main(argv):
   except ValueError as error:
     raise app.UsageError(str(error))
   from a2u_jax.training import loop
-  last = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    last = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.Interrupted as stop:
+    print(stop, file=sys.stderr)
+    sys.exit(128 + getattr(signal, stop.signal_name))
+  except (ValueError, ImportError, OSError, loop.NonFiniteError) as error:
+    if FLAGS.verbose:
+      raise
+    sys.exit(f"error: {error}")
   if distributed.is_lead():
     print(f"done: {FLAGS.workdir} (last metrics: "
           f"{ {k: round(v, 5) for k, v in last.items()} })")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

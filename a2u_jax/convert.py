@@ -217,18 +217,24 @@ def load_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   without torch.
   """
   path = pathlib.Path(path)
-  if path.suffix == ".npz" and path.is_file():
-    with np.load(path) as archive:
-      return _normalise_keys({k[len("state_dict/"):] if k.startswith("state_dict/") else k:
-                              archive[k] for k in archive.files
-                              if k.startswith("state_dict/") or "/" not in k})
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: checkpoint file not found")
+  if path.suffix == ".npz":
+    try:
+      with np.load(path) as archive:
+        arrays = {k[len("state_dict/"):] if k.startswith("state_dict/") else k: archive[k]
+                  for k in archive.files if k.startswith("state_dict/") or "/" not in k}
+    except Exception as error:  # EOFError, BadZipFile, pickled objects: name the file.
+      raise ValueError(f"{path}: not a readable .npz archive of arrays ({type(error).__name__}: "
+                       f"{error})") from None
+    if not arrays:
+      raise ValueError(f"{path}: the archive holds no arrays")
+    return _normalise_keys(arrays)
   try:
     import torch
   except ImportError as error:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install 'a2u-jax[torch]' "
                       "(the CPU build is enough)") from error
-  if not path.is_file():
-    raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
   try:
     loaded = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:

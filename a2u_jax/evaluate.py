@@ -4,7 +4,8 @@
   python -m a2u_jax.evaluate --checkpoint DIR --data composition1k --data-dir TFDS_DIR ...
 
 Data (`--data`): `synthetic` (built in, no download), `folder` (DATA_DIR/image, trimap and
-optionally alpha, matched by file stem), `alphamatting` (alphamatting.com layout:
+optionally alpha, matched by file stem; images without an alpha are predicted and listed,
+not scored), `alphamatting` (alphamatting.com layout:
 image_XX / trimap_XX / alpha_XX in one folder; `--trimap-prefix trimap2` picks the other
 trimap set), `composition1k` and `distinctions646` (prepared TFDS builders in DATA_DIR).
 
@@ -165,6 +166,7 @@ def summarize(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
     finite = values[np.isfinite(values)]
     summary[key] = float(finite.mean()) if finite.size else math.nan
   summary["no_unknown"] = [row["name"] for row in scored if math.isnan(float(row["mse"]))]
+  summary["unscored"] = [row["name"] for row in rows if row["sad"] == ""]
   return summary
 
 
@@ -309,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
   except ValueError as error:
     parser.error(str(error))
   try:
+    if args.count < 1:
+      raise ValueError(f"--count must be >= 1, got {args.count}")
+    if args.batch_per_device < 1:
+      raise ValueError(f"--batch-per-device must be >= 1, got {args.batch_per_device}")
+    if args.out.exists() and not args.out.is_dir():
+      raise ValueError(f"--out {args.out}: exists and is not a folder")
     devices = jax.local_devices()
     if args.devices is not None:
       if not 1 <= args.devices <= len(devices):
@@ -333,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
   if summary["no_unknown"]:
     print(f"MSE mean leaves out {len(summary['no_unknown'])} images without unknown pixels: "
           f"{', '.join(summary['no_unknown'][:5])}")
+  if summary["scored"] and summary["unscored"]:
+    print(f"not scored (no ground-truth alpha): {len(summary['unscored'])} images: "
+          f"{', '.join(summary['unscored'][:5])}" + (" ..." if len(summary["unscored"]) > 5
+                                                   else ""))
   print(f"{summary['images']} images ({summary['images'] - summary['scored']} without ground "
         f"truth) in {args.out}; {summary['compilations']} compilations, "
         f"{summary['seconds']:.1f} s on {len(devices)} device(s)"

@@ -69,6 +69,9 @@ def _check_common(op: str, features: jax.Array, kernels: jax.Array, kernel_size:
     raise ValueError(f"{op}: `kernel_size` must be a positive int, got {kernel_size!r}.")
   if not isinstance(groups, (int, np.integer)) or groups < 1:
     raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}.")
+  if 0 in features.shape[1:]:
+    raise ValueError(f"{op}: `features` must have a non-zero height, width and channel "
+                     f"count, got shape {features.shape}.")
   if features.shape[-1] % groups:
     raise ValueError(f"{op}: the channel count of `features` ({features.shape[-1]}) must be "
                      f"divisible by `groups` ({groups}).")

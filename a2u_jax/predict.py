@@ -114,18 +114,14 @@ def preview(image: np.ndarray, trimap: np.ndarray, alpha: np.ndarray) -> np.ndar
 
 
 def read_pair(image_path: pathlib.Path, trimap_path: pathlib.Path, round_trimap: bool
-              ) -> tuple[np.ndarray, np.ndarray]:
-  """Reads an image and its trimap, with errors that name the file."""
-  def read(path, mode):
-    try:
-      with Image.open(path) as im:
-        return np.asarray(im.convert(mode))
-    except FileNotFoundError:
-      raise ValueError(f"{path}: file not found") from None
-    except Exception as error:
-      raise ValueError(f"{path}: cannot be read as an image ({error})") from None
+              ) -> tuple[np.ndarray, np.ndarray, bool]:
+  """Reads an image and its trimap, with errors that name the file: uint8 RGB (H, W, 3),
+  uint8 trimap (H, W), and whether the image's alpha channel was dropped. 16-bit files
+  are read at their depth and scaled to 8 bits (`data_pipeline.files.read_image`)."""
+  from data_pipeline import files
 
-  image, trimap = read(image_path, "RGB"), read(trimap_path, "L")
+  image, dropped_alpha = files.read_image(image_path, "rgb")
+  trimap, _ = files.read_image(trimap_path, "grey")
   if image.shape[:2] != trimap.shape:
     raise ValueError(f"{image_path} is {image.shape[1]}x{image.shape[0]} but its trimap "
                      f"{trimap_path} is {trimap.shape[1]}x{trimap.shape[0]}")
@@ -137,7 +133,7 @@ def read_pair(image_path: pathlib.Path, trimap_path: pathlib.Path, round_trimap:
                        f"the nearest of the three")
     nearest = np.abs(trimap[..., None].astype(np.int16) - TRIMAP_VALUES).argmin(axis=-1)
     trimap = TRIMAP_VALUES[nearest].astype(np.uint8)
-  return image, trimap
+  return image, trimap, dropped_alpha
 
 
 def _pairs(image: pathlib.Path, trimap: pathlib.Path) -> list[tuple[pathlib.Path, pathlib.Path]]:
@@ -178,12 +174,25 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--round-trimap", action="store_true")
   args = parser.parse_args(argv)
   try:
+    if args.out.exists() and not args.out.is_dir():
+      raise ValueError(f"--out {args.out}: exists and is not a folder")
     pairs = _pairs(args.image, args.trimap)
     predictor = Predictor(*checkpointing.load_model_checkpoint(args.checkpoint))
     args.out.mkdir(parents=True, exist_ok=True)
     protected = {p.resolve() for pair in pairs for p in pair}
+    told_about_alpha = False
+    compiled_sizes = set()
     for image_path, trimap_path in pairs:
-      image, trimap = read_pair(image_path, trimap_path, args.round_trimap)
+      image, trimap, dropped_alpha = read_pair(image_path, trimap_path, args.round_trimap)
+      if dropped_alpha and not told_about_alpha:
+        print(f"note: {image_path} has an alpha channel; it is ignored (the network sees the "
+              f"RGB values as stored, not composited); said once per run", file=sys.stderr)
+        told_about_alpha = True
+      padded = tuple(-(-size // STRIDE) * STRIDE for size in trimap.shape)
+      if padded not in compiled_sizes:
+        print(f"compiling the network for {padded[1]}x{padded[0]} inputs (once per size)",
+              file=sys.stderr, flush=True)
+        compiled_sizes.add(padded)
       alpha = predict_alpha(predictor, image, trimap)
       alpha_path = args.out / f"{image_path.stem}_alpha.png"
       write_png(alpha_path, inputs.quantize_alpha(alpha), protected)

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from a2u_jax import layers, ops
 from a2u_jax import resample_ops as rops
@@ -416,6 +417,26 @@ def _options(name: str, options: dict, allowed: dict[str, Any]) -> dict:
   return {**allowed, **options}
 
 
+# Kernel sizes that must be odd: the kernel is centred on its pixel.
+_ODD_OPTIONS = ("up_kernel_size", "encoder_kernel_size")
+
+
+def _check_ranges(name: str, chosen: dict, defaults: dict) -> None:
+  """Every integer option is a positive int (odd where centred), every flag a bool, so a
+  bad value fails when the operator is made, not inside its first call."""
+  for option, default in defaults.items():
+    value = chosen[option]
+    if isinstance(default, bool):
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: `{option}` must be True or False, got {value!r}")
+    elif isinstance(default, int):
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: `{option}` must be a positive integer, got {value!r}")
+      if option in _ODD_OPTIONS and value % 2 == 0:
+        raise ValueError(f"{name}: `{option}` must be odd (a kernel centred on its pixel), "
+                         f"got {value}")
+
+
 def _simple(name: str, up_cls, down_cls=None, needs_guide: bool = False,
             choices: dict[str, tuple] | None = None):
   def option_fields(cls) -> dict[str, Any]:  # a module's own attributes and defaults
@@ -432,6 +453,7 @@ def _simple(name: str, up_cls, down_cls=None, needs_guide: bool = False,
       if chosen[option] not in allowed:
         raise ValueError(f"{name}: `{option}` must be one of {', '.join(map(repr, allowed))}, "
                          f"got {chosen[option]!r}")
+    _check_ranges(name, chosen, {**up_fields, **down_fields})
     up_kw = {k: chosen[k] for k in up_fields}
     down_kw = {k: chosen[k] for k in down_fields}
     return Resampler(

@@ -3,10 +3,15 @@
   python train.py --config configs/upsampler.py:carafe --workdir runs/carafe \
       [--config.model.resampler_options.up_kernel_size=3]
 
+  python train.py --config configs/upsampler.py:carafe,synthetic --workdir /tmp/carafe \
+      --config.num_train_steps=20     # no data to download: the synthetic set (NumPy)
+
 The argument after the colon is a name of `a2u_jax.upsamplers.RESAMPLERS` (nearest,
-bilinear, deconv, pixel_shuffle, max_unpool, carafe, indexnet, a2u, fade, sapa, dysample).
-Every option of that operator is listed under config.model.resampler_options with its
-default, so each can be overridden from the command line. "a2u" gives configs/a2u_matting.py.
+bilinear, deconv, pixel_shuffle, max_unpool, carafe, indexnet, a2u, fade, sapa, dysample),
+optionally followed by ",synthetic" to train on the built-in synthetic composites (NumPy,
+no TensorFlow needed) instead of the Adobe set. Every option of that operator is listed under
+config.model.resampler_options with its default, so each can be overridden from the command
+line. "a2u" gives configs/a2u_matting.py.
 """
 
 import ml_collections
@@ -17,8 +22,15 @@ from configs import a2u_matting
 MODEL_SET = ("dtype", "axis_name")  # given by the model, not by the config
 
 
-def get_config(name: str = "carafe") -> ml_collections.ConfigDict:
+def get_config(argument: str = "carafe") -> ml_collections.ConfigDict:
+  name, _, data = argument.partition(",")
+  if data not in ("", "synthetic"):
+    raise ValueError(f"configs/upsampler.py:{argument}: expected NAME or NAME,synthetic")
   config = a2u_matting.get_config()
+  if data == "synthetic":
+    config.data.source, config.data.pipeline = "synthetic", "numpy"
+    config.data.options = ml_collections.ConfigDict(dict(
+        num_foregrounds=8, num_backgrounds=16, min_size=320, max_size=640, seed=0))
   config.model.resampler = name
   if name != "a2u":
     options = upsamplers.make_resampler(name).options

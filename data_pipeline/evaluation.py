@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from data_pipeline import files
 from data_pipeline.files import IMAGE_EXTENSIONS, SourceError
 from data_pipeline.files import require_dir as _require_dir
 
@@ -34,14 +35,8 @@ class EvalItem:
   load: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 
-def _read(path: str, mode: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert(mode))
-  except FileNotFoundError:
-    raise SourceError(f"{path}: file not found") from None
-  except Exception as error:  # Name the file whatever the decoder complains about.
-    raise SourceError(f"{path}: cannot be decoded ({error})") from None
+def _read(path: str, kind: str) -> np.ndarray:
+  return files.read_image(path, kind)[0]
 
 
 def _size(path: str) -> tuple[int, int]:
@@ -70,10 +65,10 @@ def file_item(name: str, image: str, trimap: str, alpha: str | None = None) -> E
                         f"{other_width}x{other_height}")
 
   def load():
-    trimap_array = _read(trimap, "L")
+    trimap_array = _read(trimap, "grey")
     check_trimap(trimap_array, trimap)
-    return (_read(image, "RGB"), trimap_array,
-            None if alpha is None else _read(alpha, "L"))
+    return (_read(image, "rgb"), trimap_array,
+            None if alpha is None else _read(alpha, "grey"))
 
   return EvalItem(name, height, width, load)
 
@@ -106,10 +101,7 @@ def folder_items(root: str | os.PathLike | None = None, *, image_dir=None, trima
   if missing:
     raise SourceError(f"{len(missing)} images in {image_dir} have no trimap in {trimap_dir}: "
                       f"{', '.join(missing[:5])}")
-  if alphas and set(images) - set(alphas):
-    lonely = sorted(set(images) - set(alphas))
-    raise SourceError(f"{len(lonely)} images in {image_dir} have no alpha in {alpha_dir}: "
-                      f"{', '.join(lonely[:5])}")
+  # Images without an alpha are predicted but not scored (the evaluation lists them).
   return [file_item(stem, images[stem], trimaps[stem], alphas.get(stem))
           for stem in sorted(images)]
 

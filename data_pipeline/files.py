@@ -1,5 +1,5 @@
 """What every data module shares and none of them needs TensorFlow for: the image file
-extensions, the data error, and folder checks."""
+extensions, the data error, folder checks and the image reader."""
 
 from __future__ import annotations
 
@@ -7,12 +7,49 @@ import os
 import pathlib
 
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class SourceError(ValueError):
   """A dataset that the pipeline cannot use as it is (the message says what and where)."""
+
+
+# PIL's modes of 16-bit greyscale files (PNG, TIFF).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def read_image(path: str | os.PathLike, kind: str) -> tuple[np.ndarray, bool]:
+  """Reads an image file as 8-bit values: (array, whether an alpha channel was dropped).
+
+  kind: "rgb" -> uint8 (H, W, 3); "grey" (trimaps, alpha mattes) -> uint8 (H, W).
+  16-bit greyscale files are read at their depth and scaled to 8 bits (v * 255 / 65535,
+  rounded), so a 16-bit trimap's 0 / 32896 / 65535 are 0 / 128 / 255 and a 16-bit photo
+  keeps its tones (PIL's own conversion clips 16-bit values at 255). An alpha channel is
+  dropped (the caller says so: the RGB values are used as stored). 32-bit integer and
+  floating-point files are refused: their range is not defined. Errors name the file.
+  """
+  try:
+    with Image.open(path) as image:
+      mode = image.mode
+      if mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.uint32)
+        values = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return (np.repeat(values[..., None], 3, axis=-1) if kind == "rgb" else values), False
+      if mode in ("I", "F"):
+        raise SourceError(f"{path}: {'32-bit integer' if mode == 'I' else 'floating-point'} "
+                          f"images are not supported (their value range is not defined); "
+                          f"save it as an 8- or 16-bit image")
+      dropped = mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info)
+      return np.asarray(image.convert("RGB" if kind == "rgb" else "L")), dropped
+  except SourceError:
+    raise
+  except FileNotFoundError:
+    raise SourceError(f"{path}: file not found") from None
+  except Exception as error:  # Name the file whatever the decoder complains about.
+    raise SourceError(f"{path}: cannot be read as an image ({error})") from None
 
 
 def require_dir(path: str | os.PathLike, what: str) -> pathlib.Path:

@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -47,6 +49,48 @@ class NonFiniteError(RuntimeError):
   """The loss or the gradient stopped being finite."""
 
 
+class Interrupted(Exception):
+  """Training stopped on SIGINT (Ctrl-C) or SIGTERM before its last step.
+
+  Attributes: signal_name ("SIGINT" or "SIGTERM"), step (the last step that ran and was
+  logged), checkpoint_step (the checkpoint a rerun resumes from; None if there is none).
+  """
+
+  def __init__(self, signal_name: str, step: int, checkpoint_step: int | None):
+    self.signal_name, self.step, self.checkpoint_step = signal_name, step, checkpoint_step
+    saved = ("no checkpoint was written yet" if checkpoint_step is None else
+             f"the checkpoint of step {checkpoint_step} is saved")
+    super().__init__(f"stopped by {signal_name} after step {step}: {saved}; rerun the same "
+                     f"command to resume")
+
+
+class _StopRequests:
+  """Turns the first SIGINT/SIGTERM into a request that the loop honours between steps
+  (after the step's logs and checkpoints), so a stopped run loses nothing; a second
+  Ctrl-C interrupts at once. Handlers are installed only in the main thread."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def _request(self, number, frame):
+    del frame
+    self.signal_name = signal.Signals(number).name
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    log.warning("%s: stopping after the current step (Ctrl-C again stops at once, "
+                "without saving it)", self.signal_name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for number in (signal.SIGINT, signal.SIGTERM):
+        self._previous[number] = signal.signal(number, self._request)
+    return self
+
+  def __exit__(self, *exc):
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+
+
 def num_train_steps(config: ml_collections.ConfigDict) -> int:
   if config.num_train_steps >= 0:
     return int(config.num_train_steps)
@@ -63,6 +107,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("batch_size", "crop_size", "steps_per_epoch", "log_every",
                "checkpoint_every", "keep_checkpoints"):
     positive(name)
+  steps = config.num_train_steps
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < -1:
+    raise ValueError(f"config.num_train_steps must be >= 0, or -1 for num_epochs * "
+                     f"steps_per_epoch, got {steps!r}")
   if config.crop_size % 16:
     raise ValueError(f"config.crop_size must be a multiple of 16, got {config.crop_size}")
   devices = jax.device_count()
@@ -91,6 +139,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"config.data.source={config.data.source!r}: real data goes through "
                      f"the tf.data pipeline (--config.data.pipeline=tf, with pip install "
                      f"'a2u-jax[train]')")
+  accepted = _source_options(config)
+  foreign = [key for key in config.data.options if accepted is not None and key not in accepted]
+  if foreign:
+    raise ValueError(
+        f"config.data.options: data source {config.data.source!r} does not take "
+        f"{', '.join(foreign)} (it takes {', '.join(accepted)}); these are another "
+        f"source's options: start from a config made for this source (for synthetic data "
+        f"configs/smoke.py, or configs/upsampler.py:NAME,synthetic for an operator)")
   for key, value in config.data.options.items():
     if value is None:
       raise ValueError(f"config.data.options.{key} must be set for data source "
@@ -111,6 +167,27 @@ def _validation_items(config: ml_collections.ConfigDict):
     raise ValueError(f"config.validation.source must be one of {', '.join(readers)}, got "
                      f"{config.validation.source!r}")
   return readers[config.validation.source](**config.validation.options)
+
+
+def _source_options(config: ml_collections.ConfigDict) -> list[str] | None:
+  """The option names config.data.source takes, or None where that needs TensorFlow and
+  it is missing (building the source then says how to install it)."""
+  import inspect
+
+  import data_pipeline
+
+  if config.data.pipeline == "numpy":
+    function = data_pipeline.SyntheticStream
+  else:
+    if config.data.source not in data_pipeline.SOURCES:
+      raise ValueError(f"config.data.source must be one of {', '.join(data_pipeline.SOURCES)}, "
+                       f"got {config.data.source!r}")
+    try:
+      from data_pipeline import sources
+    except ImportError:
+      return None
+    function = getattr(sources, f"{config.data.source}_source")
+  return [name for name in inspect.signature(function).parameters if name != "self"]
 
 
 def _training_source(config: ml_collections.ConfigDict):
@@ -327,6 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # Building the source validates the data (folders, pairs, sizes) before anything slow.
   source = _training_source(config)
   workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir}: exists and is not a folder")
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead()
   if lead:
@@ -364,68 +443,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   spent = collections.Counter()
   if lead and step < total_steps:
     log.info("compiling the training step (the first step waits for it)")
+  stop = _StopRequests()
   try:
-    while step < total_steps:
-      started = time.perf_counter()
-      batch = next(batches)
-      device_state, step_metrics = run.train_step(device_state, run.shard(batch), device_rng)
-      step_metrics = run.get(step_metrics)
-      first = step == start_step
-      spent["first step (compiles)" if first else "other steps"] += (
-          time.perf_counter() - started)
-      if first and lead:
-        log.info("first step done in %.1f s (including the compile)",
-                 time.perf_counter() - started)
-      if not step_metrics.pop("finite"):
-        raise NonFiniteError(
-            f"step {step + 1}: the loss ({float(step_metrics['loss'])}) or the gradient "
-            f"norm ({float(step_metrics['grad_norm'])}) is not finite; the state was not "
-            f"updated and no checkpoint was written from it (the last one is step "
-            f"{latest.latest_step()}). Lower config.learning_rate or check the data.")
-      step += 1
-      images_per_second = config.batch_size / (time.perf_counter() - started)
-      last = {key: float(value) for key, value in step_metrics.items()}
-      last["images_per_second"] = images_per_second
-      bar.update(1)
-      bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_second:.1f}")
-      if step % config.log_every == 0 or step == total_steps:
-        logger.scalars(step, last)
-      if config.image_summary_every and step % config.image_summary_every == 0:
-        logger.images(step, batch, _predict_host(run, device_state, batch))
-      # Everything a step logs is written before its checkpoint is: a run killed after
-      # the checkpoint resumes past this step and would not log it again.
-      validating = config.eval_every > 0 and (step % config.eval_every == 0
-                                              or step == total_steps)
-      if validating:
+    with stop:
+      while step < total_steps and stop.signal_name is None:
         started = time.perf_counter()
-        values = validate(run, device_state, items, config.validation.batch_size)
-        spent["validation"] += time.perf_counter() - started
-        logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
-        last.update({f"validation/{k}": v for k, v in values.items()})
-      started = time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == total_steps:
-        _save(latest, run.get(device_state), config)
-      if validating:
-        _save(best, run.get(device_state), config, metrics=values)
-      spent["checkpoints"] += time.perf_counter() - started
+        batch = next(batches)
+        device_state, step_metrics = run.train_step(device_state, run.shard(batch), device_rng)
+        step_metrics = run.get(step_metrics)
+        first = step == start_step
+        spent["first step (compiles)" if first else "other steps"] += (
+            time.perf_counter() - started)
+        if first and lead:
+          log.info("first step done in %.1f s (including the compile)",
+                   time.perf_counter() - started)
+        if not step_metrics.pop("finite"):
+          raise NonFiniteError(
+              f"step {step + 1}: the loss ({float(step_metrics['loss'])}) or the gradient "
+              f"norm ({float(step_metrics['grad_norm'])}) is not finite; the state was not "
+              f"updated and no checkpoint was written from it (the last one is step "
+              f"{latest.latest_step()}). Lower config.learning_rate or check the data.")
+        step += 1
+        images_per_second = config.batch_size / (time.perf_counter() - started)
+        last = {key: float(value) for key, value in step_metrics.items()}
+        last["images_per_second"] = images_per_second
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_second:.1f}")
+        if step % config.log_every == 0 or step == total_steps:
+          logger.scalars(step, last)
+        if config.image_summary_every and step % config.image_summary_every == 0:
+          logger.images(step, batch, _predict_host(run, device_state, batch))
+        # Everything a step logs is written before its checkpoint is: a run killed after
+        # the checkpoint resumes past this step and would not log it again.
+        validating = config.eval_every > 0 and (step % config.eval_every == 0
+                                                or step == total_steps)
+        if validating:
+          started = time.perf_counter()
+          values = validate(run, device_state, items, config.validation.batch_size)
+          spent["validation"] += time.perf_counter() - started
+          logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
+          last.update({f"validation/{k}": v for k, v in values.items()})
+        started = time.perf_counter()
+        if step % config.checkpoint_every == 0 or step == total_steps:
+          _save(latest, run.get(device_state), config)
+        if validating:
+          _save(best, run.get(device_state), config, metrics=values)
+        spent["checkpoints"] += time.perf_counter() - started
+        if stop.signal_name is not None and step != latest.latest_step():
+          _save(latest, run.get(device_state), config)
   except KeyboardInterrupt:
-    try:
-      host_state = run.get(device_state)
-    except RuntimeError:  # Interrupted inside the step: its donated input is gone.
-      log.warning("interrupted mid-step: the last checkpoint (step %s) stays; rerun to "
-                  "resume", latest.latest_step())
-      return last
-    if int(host_state.step) != latest.latest_step():
-      _save(latest, host_state, config)
+    # A second Ctrl-C (or one outside the handlers' reach): the step under way is
+    # dropped; the last checkpoint stays, and a rerun logs every later step once.
     latest.wait_until_finished()
-    log.warning("interrupted at step %d: checkpoint written, rerun to resume",
-                int(host_state.step))
-    return last
+    raise Interrupted("SIGINT", step, latest.latest_step()) from None
   finally:
     bar.close()
     latest.wait_until_finished()
     best.wait_until_finished()
     logger.flush()
+  if step < total_steps:
+    raise Interrupted(stop.signal_name, step, latest.latest_step())
   if lead:
     host_state = run.get(device_state)
     checkpointing.save_model_checkpoint(
