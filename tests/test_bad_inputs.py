@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from a2u_jax import convert, evaluate, ops, predict, upsamplers
+from a2u_jax import evaluate, ops, predict, upsamplers
 from data_pipeline import files
 from data_pipeline.files import SourceError
 
@@ -115,13 +115,13 @@ def test_predict_and_evaluate_refuse_an_out_that_is_a_file(converted_checkpoint,
   Image.fromarray(trimap).save(tmp_path / "trimap.png")
   out = tmp_path / "a_file"
   out.write_text("keep me")
-  with pytest.raises(SystemExit, match="--out .*a_file: exists and is not a folder"):
-    predict.main(["--checkpoint", str(converted_checkpoint), "--image",
-                  str(tmp_path / "image.png"), "--trimap", str(tmp_path / "trimap.png"),
-                  "--out", str(out)])
-  with pytest.raises(SystemExit, match="--out .*a_file: exists and is not a folder"):
-    evaluate.main(["--checkpoint", str(converted_checkpoint), "--data", "synthetic",
-                   "--out", str(out)])
+  _one_clear_line(_cli("-m", "a2u_jax.predict", "--checkpoint", str(converted_checkpoint),
+                       "--image", str(tmp_path / "image.png"), "--trimap",
+                       str(tmp_path / "trimap.png"), "--out", str(out)),
+                  f"--out {out}: exists and is not a folder")
+  _one_clear_line(_cli("-m", "a2u_jax.evaluate", "--checkpoint", str(converted_checkpoint),
+                       "--data", "synthetic", "--out", str(out)),
+                  f"--out {out}: exists and is not a folder")
   assert out.read_text() == "keep me"
 
 
@@ -130,9 +130,8 @@ def test_predict_and_evaluate_refuse_an_out_that_is_a_file(converted_checkpoint,
     (["--batch-per-device", "0"], "--batch-per-device must be >= 1, got 0"),
 ])
 def test_evaluate_refuses_empty_runs(argv, message, converted_checkpoint, tmp_path):
-  with pytest.raises(SystemExit, match=message):
-    evaluate.main(["--checkpoint", str(converted_checkpoint), "--data", "synthetic",
-                   "--out", str(tmp_path / "out"), *argv])
+  _one_clear_line(_cli("-m", "a2u_jax.evaluate", "--checkpoint", str(converted_checkpoint),
+                       "--data", "synthetic", "--out", str(tmp_path / "out"), *argv), message)
   assert not (tmp_path / "out").exists()
 
 
@@ -158,17 +157,19 @@ def test_evaluate_scores_the_images_that_have_an_alpha_and_lists_the_rest(
 # -------------------------------------------------------------- converter, operators
 
 
-def test_convert_names_missing_and_unreadable_files(tmp_path, capsys):
-  (tmp_path / "empty.npz").write_bytes(b"")
-  (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
-  cases = [("missing.pth", "missing.pth: checkpoint file not found"),
-           ("missing.npz", "missing.npz: checkpoint file not found"),
-           ("empty.npz", "empty.npz: not a readable .npz archive"),
-           ("garbage.npz", "garbage.npz: not a readable .npz archive")]
-  for name, message in cases:
-    with pytest.raises(SystemExit):
-      convert.main(["--torch", str(tmp_path / name), "--out", str(tmp_path / "out")])
-    assert message in capsys.readouterr().err
+@pytest.mark.parametrize("name,contents,message", [
+    ("missing.pth", None, "missing.pth: checkpoint file not found"),
+    ("missing.npz", None, "missing.npz: checkpoint file not found"),
+    ("empty.npz", b"", "empty.npz: not a readable .npz archive"),
+    ("garbage.npz", b"PK\x03\x04 not really a zip", "garbage.npz: not a readable .npz archive"),
+])
+def test_convert_names_missing_and_unreadable_files(name, contents, message, tmp_path):
+  if contents is not None:
+    (tmp_path / name).write_bytes(contents)
+  process = _cli("-m", "a2u_jax.convert", "--torch", str(tmp_path / name), "--out",
+                 str(tmp_path / "out"))
+  assert process.returncode == 2 and "Traceback" not in process.stderr
+  assert message in process.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "out").exists()
 
 
@@ -210,6 +211,9 @@ def test_every_operator_accepts_its_defaults():
     (["--config", "configs/missing.py"], "--config: [Errno 2] No such file"),
     (["--config", "configs/upsampler.py:carafe", "--config.data.source=synthetic"],
      "data source 'synthetic' does not take background_dir, root"),
+    (["--config.validation.source=nope"], "config.validation.source must be one of"),
+    (["--config", "configs/upsampler.py:carafe,synthetic",
+      "--config.model.resampler_options.groups=0"], "`groups` must be a positive integer"),
 ])
 def test_train_config_errors_are_one_line(args, message, tmp_path):
   if "--config" not in args:

@@ -403,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   # Building the source validates the data (folders, pairs, sizes) before anything slow.
   source = _training_source(config)
+  items = _validation_items(config) if config.eval_every > 0 else []
   workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir}: exists and is not a folder")
@@ -430,7 +431,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       source, batch_size=host_batch, crop_size=config.crop_size, seed=config.seed,
       shard_index=jax.process_index(), num_shards=jax.process_count(),
       skip_batches=start_step)
-  items = _validation_items(config) if config.eval_every > 0 else []
 
   device_state = run.put(state)
   device_rng = run.put(dropout_rng)
