@@ -221,6 +221,63 @@ def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
   assert not (tmp_path / "run").exists()  # nothing written before the data is valid
 
 
+def _every_config():
+  """(label, config) for every file in configs/ that train.py takes, with its variants."""
+  import importlib
+
+  from a2u_jax import upsamplers
+
+  names = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "reconstruction"))
+  for name in names:
+    module = importlib.import_module(f"configs.{name}")
+    if name == "upsampler":
+      for operator in upsamplers.RESAMPLERS:
+        yield f"upsampler:{operator}", module.get_config(operator)
+      yield "upsampler:carafe,synthetic", module.get_config("carafe,synthetic")
+    else:
+      yield name, module.get_config()
+
+
+def test_every_config_file_loads_and_validates(tmp_path):
+  labels = []
+  for label, config in _every_config():
+    for key, value in config.data.options.items():
+      if value is None:  # paths a user gives on the command line
+        (tmp_path / key).mkdir(exist_ok=True)
+        config.data.options[key] = str(tmp_path / key)
+    loop.validate_config(config)
+    assert loop.num_train_steps(config) > 0, label
+    labels.append(label)
+  assert {"a2u_matting", "baseline", "smoke", "unshare", "upsampler:carafe"} <= set(labels)
+  # The reconstruction experiment's config is benchmarks/reconstruction.py's, not train.py's.
+  from configs import reconstruction
+  assert reconstruction.get_config().image_size == 32
+
+
+def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(tmp_path):
+  from a2u_jax import checkpointing
+
+  config = smoke.get_config()
+  config.crop_size, config.num_train_steps = CROP, 2
+  config.checkpoint_every = config.eval_every = 1
+  config.image_summary_every = 0
+  config.data.options.update(num_foregrounds=2, num_backgrounds=2, min_size=40, max_size=48)
+  config.validation.options.update(count=1, min_size=32, max_size=40)
+  workdir = tmp_path / "run"
+  last = loop.train_and_evaluate(config, workdir, progress=False)
+  assert np.isfinite(last["loss"]) and "validation/sad" in last
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+  assert [r["step"] for r in rows if "validation/sad" in r] == [1, 2]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+  assert any((workdir / "best").iterdir())
+  model, variables = checkpointing.load_model_checkpoint(workdir / "model")
+  out = model.apply(variables, jnp.zeros((1, CROP, CROP, 4)), train=False)
+  chex.assert_shape(out, (1, CROP, CROP, 1))
+  assert np.isfinite(np.asarray(out)).all()
+
+
 # ------------------------------------------------------- train.py, end to end
 
 
