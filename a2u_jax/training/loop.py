@@ -446,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   stop = _StopRequests()
   try:
     with stop:
-      while step < total_steps and stop.signal_name is None:
+      while step < total_steps:
         started = time.perf_counter()
         batch = next(batches)
         device_state, step_metrics = run.train_step(device_state, run.shard(batch), device_rng)
@@ -489,8 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if validating:
           _save(best, run.get(device_state), config, metrics=values)
         spent["checkpoints"] += time.perf_counter() - started
-        if stop.signal_name is not None and step != latest.latest_step():
-          _save(latest, run.get(device_state), config)
+        if step < total_steps and _any_process(stop.signal_name is not None):
+          # Another process's signal stops this one too (at the same step).
+          stop.signal_name = stop.signal_name or "SIGTERM"
+          if step != latest.latest_step():
+            _save(latest, run.get(device_state), config)
+          break
   except KeyboardInterrupt:
     # A second Ctrl-C (or one outside the handlers' reach): the step under way is
     # dropped; the last checkpoint stays, and a rerun logs every later step once.
@@ -512,6 +516,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if lead and spent:
     log.info("time: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items()))
   return last
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is set in any process: processes stop at the same step even when a
+  signal reaches them between different steps (a collective; free with one process)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(distributed.allgather(np.array([flag], np.int32)).any())
 
 
 def _predict_host(run: _Run, device_state, batch) -> np.ndarray:
