@@ -23,7 +23,8 @@ Two implementations compute the same thing:
   so nothing K*K times larger than the output exists. The default on every backend: it is
   the fastest on CPU (``benchmarks/reassembly.py``); GPU and TPU are not measured yet.
 * ``"gather"``: the same formulas with every window read by ``jax.lax.gather`` at
-  precomputed source coordinates.
+  precomputed source coordinates (the kernel cotangent's unit-stride windows are slices
+  under both).
 
 Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps only the
 two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from a2u_jax import checkpointing, inputs
+from data_pipeline import evaluation, files
 
 STRIDE = 16
 TRIMAP_VALUES = np.array([0, 128, 255])
@@ -85,7 +86,7 @@ def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -
   clipped to [0, 1], and the trimap's known regions restored.
   """
   height, width = trimap.shape
-  padded_h, padded_w = -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
+  padded_h, padded_w = evaluation.padded_size(height, width, STRIDE)
   pad = ((0, padded_h - height), (0, padded_w - width))
   image = np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")
   trimap = np.pad(trimap, pad, mode="reflect")[..., None]
@@ -118,8 +119,6 @@ def read_pair(image_path: pathlib.Path, trimap_path: pathlib.Path, round_trimap:
   """Reads an image and its trimap, with errors that name the file: uint8 RGB (H, W, 3),
   uint8 trimap (H, W), and whether the image's alpha channel was dropped. 16-bit files
   are read at their depth and scaled to 8 bits (`data_pipeline.files.read_image`)."""
-  from data_pipeline import files
-
   image, dropped_alpha = files.read_image(image_path, "rgb")
   trimap, _ = files.read_image(trimap_path, "grey")
   if image.shape[:2] != trimap.shape:
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {image_path} has an alpha channel; it is ignored (the network sees the "
               f"RGB values as stored, not composited); said once per run", file=sys.stderr)
         told_about_alpha = True
-      padded = tuple(-(-size // STRIDE) * STRIDE for size in trimap.shape)
+      padded = evaluation.padded_size(*trimap.shape, STRIDE)
       if padded not in compiled_sizes:
         print(f"compiling the network for {padded[1]}x{padded[0]} inputs (once per size)",
               file=sys.stderr, flush=True)
