@@ -1,6 +1,6 @@
 """Flax linen modules of A2U: the kernel generator and drop-in down/upsampling layers.
 
-Layout is NHWC throughout. See design.md §2.1 for the generator's definition; the
+Layout is NHWC throughout. See docs/design.md §2.1 for the generator's definition; the
 reassembly itself lives in `a2u_jax.ops`.
 """
 
@@ -136,6 +136,23 @@ def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
 per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)
 
 
+def sow_largest_tap(module: nn.Module, kernels: jax.Array, taps: int) -> None:
+  """Records how far a normalised kernel is from uniform, for readouts such as
+  benchmarks/reconstruction.py's kernel-sharpness columns.
+
+  kernels: (..., G * taps), each group's `taps` weights summing to 1. Sows
+  {"mean": mean over pixels and groups of the largest weight, "uniform": 1 / taps} as
+  "largest_tap" in the "intermediates" collection, only when that collection is mutable
+  (`apply(..., mutable=["intermediates"])`), so ordinary calls compute nothing extra. The
+  mean is 1 / taps for box filters and 1 for one-hot kernels.
+  """
+  if not module.is_mutable_collection("intermediates"):
+    return
+  weights = kernels.astype(jnp.float32).reshape(kernels.shape[:-1] + (-1, taps))
+  module.sow("intermediates", "largest_tap",
+             {"mean": jnp.mean(jnp.max(weights, axis=-1)), "uniform": jnp.float32(1 / taps)})
+
+
 class A2UKernelGenerator(nn.Module):
   """A2U's kernel generator: paired 2x downsampling and upsampling kernels from one map.
 
@@ -259,6 +276,7 @@ class A2UDownsample(nn.Module):
         up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
         rank=self.rank, groups=self.groups, share=self.share, norm_groups=self.norm_groups,
         dtype=self.dtype, name="generator")(x)
+    sow_largest_tap(self, down_kernels, (2 * self.up_kernel_size)**2)
     y = ops.reassemble_down(x, down_kernels.astype(x.dtype),
                             kernel_size=2 * self.up_kernel_size, groups=self.groups,
                             implementation=self.implementation)
@@ -287,5 +305,6 @@ class A2UUpsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, up_kernels: jax.Array) -> jax.Array:
+    sow_largest_tap(self, up_kernels, self.up_kernel_size**2)
     return ops.reassemble_up(x, up_kernels.astype(x.dtype), kernel_size=self.up_kernel_size,
                              groups=self.groups, implementation=self.implementation)

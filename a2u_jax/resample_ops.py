@@ -104,6 +104,17 @@ def dysample_positions(offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
   return base_x + offsets[..., 0, :], base_y + offsets[..., 1, :]
 
 
+def bilinear_weights(ix: jax.Array, iy: jax.Array, h: int, w: int) -> jax.Array:
+  """The four bilinear weights `bilinear_sample_border` gives each sample, (..., G * 4)
+  (top-left, top-right, bottom-left, bottom-right per group), for positions ix, iy
+  (..., G) on an h x w map. A sample on a pixel centre has weights (1, 0, 0, 0); one
+  half-way between four centres has 1/4 each."""
+  ix, iy = jnp.clip(ix, 0, w - 1), jnp.clip(iy, 0, h - 1)
+  wx, wy = ix - jnp.floor(ix), iy - jnp.floor(iy)
+  weights = jnp.stack([(1 - wx) * (1 - wy), wx * (1 - wy), (1 - wx) * wy, wx * wy], axis=-1)
+  return weights.reshape(weights.shape[:-2] + (-1,))
+
+
 def bilinear_sample_border(x: jax.Array, ix: jax.Array, iy: jax.Array) -> jax.Array:
   """Bilinear sampling with border padding, per channel group (DySample's
   `grid_sample(..., mode="bilinear", padding_mode="border", align_corners=False)`).

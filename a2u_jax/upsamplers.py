@@ -163,6 +163,7 @@ class CARAFEUp(nn.Module):
                      kernel_init=nn.initializers.normal(1e-3), dtype=self.dtype,
                      name="content_encoder")(compressed)
     kernels = _softmax_taps(layers.pixel_shuffle(logits, 2), self.groups)
+    layers.sow_largest_tap(self, kernels, k * k)
     return ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=k, groups=self.groups)
 
 
@@ -213,6 +214,7 @@ class IndexNetDown(nn.Module):
                        f"'depthwise_m2o', got {self.index!r}")
     decoder = jax.nn.sigmoid(logits)
     encoder = jax.nn.softmax(decoder, axis=-1)
+    layers.sow_largest_tap(self, encoder, 4)
 
     def shuffle(index):  # (N, h, w, C', 4) -> (N, 2h, 2w, C')
       return layers.pixel_shuffle(index.reshape(index.shape[:3] + (-1,)), 2)
@@ -264,6 +266,7 @@ class FADEUp(nn.Module):
                              axis=-1)
     if guide.shape[-1] != x.shape[-1]:
       guide = conv(x.shape[-1], 1, "align")(guide)
+    layers.sow_largest_tap(self, kernels, k * k)
     up = ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=k)
     return gate * guide.astype(x.dtype) + (1 - gate) * up
 
@@ -291,6 +294,7 @@ class SAPAUp(nn.Module):
     key = nn.Dense(self.embedding_dim, kernel_init=init, dtype=self.dtype, name="key")(
         nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm_x")(x))
     kernels = jax.nn.softmax(rops.local_similarity(query, key, self.up_kernel_size), axis=-1)
+    layers.sow_largest_tap(self, kernels, self.up_kernel_size**2)
     return ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=self.up_kernel_size)
 
 
@@ -344,6 +348,8 @@ class DySampleUp(nn.Module):
     offset = offset + jnp.stack([jnp.broadcast_to(initial_x, (1, 2 * h, 2 * w, 1)),
                                  jnp.broadcast_to(initial_y, (1, 2 * h, 2 * w, 1))], axis=3)
     ix, iy = rops.dysample_positions(offset)
+    if self.is_mutable_collection("intermediates"):
+      layers.sow_largest_tap(self, rops.bilinear_weights(ix, iy, h, w), 4)
     return rops.bilinear_sample_border(x, ix, iy)
 
 

@@ -119,15 +119,18 @@ def _write_idx(path, images):
   path.write_bytes(gzip.compress(header + images.astype(np.uint8).tobytes()))
 
 
+@pytest.mark.slow  # trains two operators in a subprocess (~15 s); the protocol's parts are
+# covered by tests/test_reconstruction_protocol.py in the default run
 def test_reconstruction_benchmark_table_figure_and_fashion_mnist_reader(tmp_path):
   out = _run("benchmarks/reconstruction.py", "--operators", "nearest", "max_unpool",
              "--steps", "3", "--train-images", "16", "--out", str(tmp_path / "synthetic"))
-  assert "| operator | parameters | PSNR (dB) | SSIM | MAE | MSE | step (ms) |" in out
+  assert ("| operator | parameters | PSNR (dB) | SSIM | MAE | MSE | step (ms) | kernel | "
+          "largest tap L1, start → end | largest tap L2, start → end | uniform |") in out
   rows = [line for line in out.splitlines() if line.startswith(("| nearest", "| max_unpool"))]
   assert len(rows) == 2 and all(float(row.split("|")[3]) > 0 for row in rows)
   with Image.open(tmp_path / "synthetic" / "reconstruction.png") as figure:
     assert figure.size == (6 * 34 * 3, 3 * 34 * 3)  # 6 images; truth + 2 operators
-  # Fashion-MNIST from IDX files (here three tiny fake ones), padded 28 -> 32.
+  # Fashion-MNIST from IDX files (here two tiny fake ones), resized 28 -> 32.
   rng = np.random.default_rng(0)
   folder = tmp_path / "fmnist"
   folder.mkdir()
@@ -135,7 +138,7 @@ def test_reconstruction_benchmark_table_figure_and_fashion_mnist_reader(tmp_path
   _write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 28, 28)))
   out = _run("benchmarks/reconstruction.py", "--operators", "nearest", "--steps", "2",
              "--fashion-mnist", str(folder), "--out", str(tmp_path / "fmnist_out"))
-  assert "Fashion-MNIST (20 train / 7 test)" in out
+  assert "Fashion-MNIST (20 train / 7 test, 32x32)" in out
   (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
   result = subprocess.run([sys.executable, "benchmarks/reconstruction.py", "--fashion-mnist",
                            str(folder)], cwd=ROOT, capture_output=True, text=True, check=False)
