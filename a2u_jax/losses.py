@@ -1,4 +1,4 @@
-"""The matting loss of the authors' training script (design.md §4).
+"""The matting loss of the authors' training script (docs/design.md §4).
 
 loss = 0.5 * alpha loss + 0.5 * composition loss. Both are Charbonnier penalties
 sqrt(d^2 + 1e-12) of the masked difference d = (prediction - target) * unknown, summed over

@@ -3,7 +3,7 @@
 The authors score predictions with `compute_sad_loss.m`, `compute_mse_loss.m`,
 `compute_gradient_loss.m` (+ `gaussgradient.m`) and `compute_connectivity_error.m`. Python
 ports elsewhere differ from them in details that move the numbers, so these functions follow
-the MATLAB code step by step (design.md §5):
+the MATLAB code step by step (docs/design.md §5):
 
 - Every metric is taken over the unknown region, the pixels where the trimap is exactly 128.
 - SAD, Grad and Conn are sums reported divided by 1000; MSE is a mean over the unknown pixels.

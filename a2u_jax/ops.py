@@ -1,7 +1,7 @@
 """Reassembly ("gather") primitives of A2U: functional, NHWC, jit/vmap/pmap-safe.
 
 Both ops compute, for every output pixel, a weighted sum of a K x K neighbourhood of the
-input with a per-pixel kernel (design.md §2.2):
+input with a per-pixel kernel (docs/design.md §2.2):
 
 * ``reassemble_up``  (odd K, 2x upsampling)::
 

@@ -1,4 +1,4 @@
-"""The authors' recipe (design.md §4): A2U matting network (share), Composition-1k training.
+"""The authors' recipe (docs/design.md §4): A2U matting network (share), Composition-1k training.
 
   python train.py --config configs/a2u_matting.py --workdir runs/a2u \
       --config.data.options.root=/data/Combined_Dataset \

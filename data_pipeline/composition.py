@@ -1,6 +1,6 @@
 """The Deep Image Matting training protocol as TF graph ops, one example at a time.
 
-Follows the authors' `DataGenerator` (design.md §4) step by step:
+Follows the authors' `DataGenerator` (docs/design.md §4) step by step:
 
 1. with p=0.5 merge a second foreground (nearest-resized to the first):
    alpha = 1 - (1 - a1)(1 - a2), fg = (f1 a1 + f2 (1 - a1) a2) / (alpha + 1e-5), truncated to

@@ -1,4 +1,4 @@
-"""Straight loop transcriptions of design.md §2.2, in float64 NumPy, for tests only."""
+"""Straight loop transcriptions of docs/design.md §2.2, in float64 NumPy, for tests only."""
 
 import numpy as np
 

@@ -14,7 +14,7 @@ Dtype = Any
 
 LEAKY_SLOPE = 0.01
 # The authors initialise every conv weight Xavier-normal with gain calculate_gain(
-# "leaky_relu", 0.01) and every bias with 0 (design.md §4).
+# "leaky_relu", 0.01) and every bias with 0 (docs/design.md §4).
 XAVIER_LEAKY = nn.initializers.variance_scaling(2.0 / (1.0 + LEAKY_SLOPE**2), "fan_avg",
                                                 "normal")
 
