@@ -53,6 +53,7 @@ import jax
 import numpy as np
 
 from a2u_jax import checkpointing, distributed, inputs, metrics, predict
+from data_pipeline import files
 
 ALPHA_DIR = "alpha"
 METRICS_CSV = "metrics.csv"
@@ -81,7 +82,7 @@ def load_items(data: str, data_dir: str | None = None, *, trimap_prefix: str = "
 
 
 def _file_stem(name: str) -> str:
-  stem = name[:-len(pathlib.Path(name).suffix)] if name.lower().endswith(predict.IMAGE_SUFFIXES) else name
+  stem = name[:-len(pathlib.Path(name).suffix)] if name.lower().endswith(files.IMAGE_EXTENSIONS) else name
   if not stem or stem.startswith(".") or "/" in stem or "\\" in stem:
     raise ValueError(f"image name {name!r} cannot be used as a file name")
   return stem

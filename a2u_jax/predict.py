@@ -25,9 +25,7 @@ from PIL import Image
 from a2u_jax import checkpointing, inputs
 from data_pipeline import evaluation, files
 
-STRIDE = 16
 TRIMAP_VALUES = np.array([0, 128, 255])
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,7 +84,7 @@ def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -
   clipped to [0, 1], and the trimap's known regions restored.
   """
   height, width = trimap.shape
-  padded_h, padded_w = evaluation.padded_size(height, width, STRIDE)
+  padded_h, padded_w = evaluation.padded_size(height, width, files.NETWORK_STRIDE)
   pad = ((0, padded_h - height), (0, padded_w - width))
   image = np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")
   trimap = np.pad(trimap, pad, mode="reflect")[..., None]
@@ -140,9 +138,9 @@ def _pairs(image: pathlib.Path, trimap: pathlib.Path) -> list[tuple[pathlib.Path
     raise ValueError("--image and --trimap must both be files or both be folders")
   if not image.is_dir():
     return [(image, trimap)]
-  trimaps = {p.stem: p for p in trimap.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+  trimaps = {p.stem: p for p in trimap.iterdir() if p.suffix.lower() in files.IMAGE_EXTENSIONS}
   pairs = []
-  for path in sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+  for path in sorted(p for p in image.iterdir() if p.suffix.lower() in files.IMAGE_EXTENSIONS):
     if path.stem not in trimaps:
       raise ValueError(f"{path}: no trimap named {path.stem}.* in {trimap}")
     pairs.append((path, trimaps[path.stem]))
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {image_path} has an alpha channel; it is ignored (the network sees the "
               f"RGB values as stored, not composited); said once per run", file=sys.stderr)
         told_about_alpha = True
-      padded = evaluation.padded_size(*trimap.shape, STRIDE)
+      padded = evaluation.padded_size(*trimap.shape, files.NETWORK_STRIDE)
       if padded not in compiled_sizes:
         print(f"compiling the network for {padded[1]}x{padded[0]} inputs (once per size)",
               file=sys.stderr, flush=True)

@@ -6,7 +6,6 @@ Training (tf.data, needs the `train` extra: `pip install 'a2u-jax[train]'`):
   batches = train_batches(source, batch_size=16, crop_size=512, seed=0,
                           shard_index=0, num_shards=1)
   split_for_devices(batch, num_devices)    host batch -> (devices, per_device, ...)
-  model_inputs(image, trimap)              the network's input encoding (a2u_jax.inputs)
 Training without TensorFlow (synthetic data only, same batch contract):
   SyntheticStream(**synthetic options).batches(batch_size=..., crop_size=..., seed=...)
 Evaluation (no TensorFlow, except for the TFDS sets):
@@ -16,7 +15,8 @@ Evaluation (no TensorFlow, except for the TFDS sets):
 
 Names are resolved on first use, so `import data_pipeline` (and everything evaluation and
 the synthetic stream need) does not import TensorFlow; the tf.data names import it when
-they are first touched, and say how to install it when it is missing.
+they are first touched, and say how to install it when it is missing. The package never
+imports `a2u_jax`: the network's input encoding is `a2u_jax.inputs.model_inputs`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ TENSORFLOW_HINT = ("needs TensorFlow and TensorFlow Datasets, which the core ins
                    "leaves out: pip install 'a2u-jax[train]'")
 
 _LAZY = {
-    "model_inputs": "a2u_jax.inputs",
     "EvalItem": "data_pipeline.evaluation",
     "alphamatting_items": "data_pipeline.evaluation",
     "array_item": "data_pipeline.evaluation",

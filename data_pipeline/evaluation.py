@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import files
-from data_pipeline.files import IMAGE_EXTENSIONS, SourceError
+from data_pipeline.files import IMAGE_EXTENSIONS, NETWORK_STRIDE, SourceError
 from data_pipeline.files import require_dir as _require_dir
 
 TRIMAP_VALUES = (0, 128, 255)
@@ -134,7 +134,8 @@ def reflect_pad(array: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.pad(array, pad, mode="reflect")
 
 
-def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: int = 16,
+def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1,
+                 multiple: int = NETWORK_STRIDE,
                  num_threads: int = 4, shard_index: int = 0, num_shards: int = 1
                  ) -> Iterator[dict]:
   """Padded evaluation batches, bucketed by padded shape, in a fixed order.
@@ -163,8 +164,8 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
-  if multiple < 1 or multiple % 16:
-    raise ValueError(f"multiple must be a positive multiple of 16, got {multiple}")
+  if multiple < 1 or multiple % NETWORK_STRIDE:
+    raise ValueError(f"multiple must be a positive multiple of {NETWORK_STRIDE}, got {multiple}")
   buckets: dict[tuple[int, int], list[EvalItem]] = {}
   for item in items:
     buckets.setdefault(padded_size(item.height, item.width, multiple), []).append(item)
@@ -204,7 +205,7 @@ def eval_batches(items: Sequence[EvalItem], *, batch_size: int = 1, multiple: in
         }
 
 
-def num_buckets(items: Iterable[EvalItem], multiple: int = 16) -> int:
+def num_buckets(items: Iterable[EvalItem], multiple: int = NETWORK_STRIDE) -> int:
   """How many distinct padded shapes (compilations) `eval_batches` will produce."""
   return len({padded_size(item.height, item.width, multiple) for item in items})
 

@@ -10,6 +10,10 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The matting network's output stride: its input height and width, training crops and the
+# padded evaluation images are multiples of it. (Defined here, the lowest layer, so that
+# data_pipeline and a2u_jax share it without data_pipeline importing a2u_jax.)
+NETWORK_STRIDE = 16
 
 
 class SourceError(ValueError):
@@ -66,9 +70,9 @@ def check_stream_arguments(batch_size: int, crop_size: int, shard_index: int,
   for name, value in (("batch_size", batch_size), ("crop_size", crop_size),
                       ("num_shards", num_shards)):
     check_positive(name, value)
-  if crop_size % 16:
-    raise ValueError(f"crop_size must be a multiple of 16 (the network's stride), got "
-                     f"{crop_size}")
+  if crop_size % NETWORK_STRIDE:
+    raise ValueError(f"crop_size must be a multiple of {NETWORK_STRIDE} (the network's "
+                     f"stride), got {crop_size}")
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
   if skip_batches < 0:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 import data_pipeline
+from a2u_jax import inputs
 from data_pipeline import composition, morphology, sources, synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -245,16 +247,23 @@ def test_split_for_devices():
     data_pipeline.split_for_devices(batch, 3)
 
 
+def test_data_pipeline_never_imports_the_model_package():
+  # The dependency goes one way: a2u_jax uses data_pipeline, never the reverse.
+  for path in sorted((ROOT / "data_pipeline").glob("*.py")):
+    for line in path.read_text().splitlines():
+      assert not re.match(r"\s*(from|import) a2u_jax", line), f"{path.name}: {line.strip()}"
+
+
 def test_model_inputs_normalisation():
   image = np.full((1, 2, 2, 3), 0.5, np.float32)
   trimap = np.array([0, 128, 255, 0], np.uint8).reshape(1, 2, 2, 1)
-  out = np.asarray(data_pipeline.model_inputs(image, trimap))
+  out = np.asarray(inputs.model_inputs(image, trimap))
   assert out.shape == (1, 2, 2, 4)
   np.testing.assert_allclose(out[0, 0, 0, :3], (0.5 - np.array([0.485, 0.456, 0.406]))
                              / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
   np.testing.assert_allclose(out[0, :, :, 3].ravel(), [0, 128 / 255, 1, 0], rtol=1e-6)
   with pytest.raises(ValueError, match="trimap"):
-    data_pipeline.model_inputs(image, trimap[:, :1])
+    inputs.model_inputs(image, trimap[:, :1])
 
 
 def test_synthetic_alphas_have_soft_and_hard_regions():

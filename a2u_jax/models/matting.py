@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from a2u_jax import layers, ops, upsamplers
 from a2u_jax.models.blocks import ASPP, ConvABN, ResidualBlock, ResidualStage, conv
+from data_pipeline.files import NETWORK_STRIDE
 
 Dtype = Any
 RESAMPLERS = ("baseline",) + upsamplers.RESAMPLERS
@@ -116,8 +117,9 @@ class MattingNet(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 4:
       raise ValueError(f"MattingNet: input must be (N, H, W, 4) (RGB + trimap), got shape "
                        f"{x.shape}.")
-    if x.shape[1] % 16 or x.shape[2] % 16:
-      raise ValueError(f"MattingNet: input height and width must be multiples of 16, got "
+    if x.shape[1] % NETWORK_STRIDE or x.shape[2] % NETWORK_STRIDE:
+      raise ValueError(f"MattingNet: input height and width must be multiples of "
+                       f"{NETWORK_STRIDE}, got "
                        f"{x.shape[1]} x {x.shape[2]} (pad with reflection and crop back).")
     kw = dict(axis_name=self.axis_name, dtype=self.dtype)
     inputs = x.astype(self.dtype or jnp.float32)

@@ -37,6 +37,7 @@ from a2u_jax import checkpointing, distributed, evaluate as evaluation
 from a2u_jax import metrics as matting_metrics, models
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
+from data_pipeline.files import NETWORK_STRIDE
 
 METRICS_FILE = "metrics.jsonl"
 # "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
@@ -111,8 +112,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < -1:
     raise ValueError(f"config.num_train_steps must be >= 0, or -1 for num_epochs * "
                      f"steps_per_epoch, got {steps!r}")
-  if config.crop_size % 16:
-    raise ValueError(f"config.crop_size must be a multiple of 16, got {config.crop_size}")
+  if config.crop_size % NETWORK_STRIDE:
+    raise ValueError(f"config.crop_size must be a multiple of {NETWORK_STRIDE}, got "
+                     f"{config.crop_size}")
   devices = jax.device_count()
   if config.batch_size % devices:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
