@@ -392,3 +392,120 @@ def reassemble_down(features: jax.Array, kernels: jax.Array, *, kernel_size: int
     raise ValueError(f"reassemble_down: `kernels` must be spatially half of `features`: "
                      f"expected (N, {hh // 2}, {ww // 2}, ...), got {kernels.shape}.")
   return _run("down", features, kernels, kernel_size, groups, implementation)
+
+
+# --- The kernel generator's other functional pieces (used by a2u_jax.layers) ---------
+
+def adaptive_avg_pool_matrix(size: int, bins: int) -> np.ndarray:
+  """(bins, size) averaging matrix of PyTorch's adaptive average pooling along one axis.
+
+  Bin i covers floor(i*size/bins) .. ceil((i+1)*size/bins) - 1; bins overlap when
+  `size` is not a multiple of `bins`.
+  """
+  matrix = np.zeros((bins, size), np.float64)
+  for i in range(bins):
+    start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
+    matrix[i, start:stop] = 1.0 / (stop - start)
+  return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+  """(N, H, W, C) -> (N, bins, bins, C), PyTorch `AdaptiveAvgPool2d(bins)` semantics."""
+  rows = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], bins), x.dtype)
+  cols = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], bins), x.dtype)
+  # Rows first: the large contraction is then one plain matrix product.
+  pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x, precision=lax.Precision.HIGHEST)
+  return jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)
+
+
+def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
+  """(N, h, w, C*f*f) -> (N, f*h, f*w, C) in PyTorch's channel order.
+
+  Input channel ``c*f*f + i*f + j`` goes to output channel c at (f*y + i, f*x + j).
+  """
+  n, h, w, cff = x.shape
+  c = cff // (factor * factor)
+  x = x.reshape(n, h, w, c, factor, factor)
+  return jnp.transpose(x, (0, 1, 4, 2, 5, 3)).reshape(n, h * factor, w * factor, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
+                         padding: int) -> jax.Array:
+  """Depthwise cross-correlation with a different kernel bank per sample.
+
+  x (N, H, W, C); kernels (N, k, k, C, M), or (N, k, k, 1, M) for banks shared by all
+  channels -> (N, H', W', C, M): output (c, m) is channel c correlated (PyTorch conv2d
+  semantics, zero padding) with kernels[n, :, :, c, m] (kernels[n, :, :, 0, m] if shared).
+
+  The forward is one fused sum of k*k strided slices (XLA:CPU runs grouped convolutions
+  with per-sample kernels several times slower); training keeps no per-tap residuals.
+  """
+  _, hh, ww, _ = x.shape
+  k = kernels.shape[1]
+  out_h = (hh + 2 * padding - k) // stride + 1
+  out_w = (ww + 2 * padding - k) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  total = None
+  for ky in range(k):
+    for kx in range(k):
+      window = xp[:, ky:ky + stride * (out_h - 1) + 1:stride,
+                  kx:kx + stride * (out_w - 1) + 1:stride]
+      term = window[..., None] * kernels[:, None, None, ky, kx]
+      total = term if total is None else total + term
+  return total
+
+
+def _per_sample_depthwise_fwd(x, kernels, stride, padding):
+  return per_sample_depthwise(x, kernels, stride, padding), (x, kernels)
+
+
+def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
+  """Hand-written VJP (XLA:CPU's grouped-convolution VJPs cost ~20x the forward here).
+
+  d x: the padded input split into its stride x stride phases; tap (ky, kx) sends its
+  cotangent to phase (ky % s, kx % s) shifted by (ky // s, kx // s), so each phase is one
+  fused sum of unit-stride windows of the cotangent, and the phases interleave back.
+  d kernels: per output pixel, a dot product over channels (shared banks) or a product
+  summed over pixels (per-channel banks) of each tap's window with the cotangent, one
+  batched matrix product per tap row (`tap_row_products`).
+  """
+  x, kernels = residuals
+  n, hh, ww, c = x.shape
+  k, s = kernels.shape[1], stride
+  _, out_h, out_w, _, m = cotangent.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  rows, u, v = phase_split(xp, s)
+
+  q = (k - 1) // s
+  ctp = jnp.pad(cotangent, ((0, 0), (q, u - out_h), (q, v - out_w), (0, 0), (0, 0)))
+  phases = []
+  for a in range(s):
+    row = []
+    for b in range(s):
+      total = jnp.zeros((n, u, v, c), x.dtype)
+      for ky in range(a, k, s):
+        for kx in range(b, k, s):
+          window = ctp[:, q - ky // s:q - ky // s + u, q - kx // s:q - kx // s + v]
+          total = total + jnp.sum(window * kernels[:, None, None, ky, kx], axis=-1)
+      row.append(total)
+    phases.append(jnp.stack(row, axis=3))                      # (N, U, V, s, C)
+  dxp = jnp.stack(phases, axis=2).reshape(n, s * u, s * v, c)  # row u*s + a
+  dx = dxp[:, padding:padding + hh, padding:padding + ww]
+
+  row_starts = [(ky % s) * u + ky // s for ky in range(k)]
+  col_starts = [(kx % s) * v + kx // s for kx in range(k)]
+  if kernels.shape[3] == 1:
+    # Shared banks: per pixel, contract channels; then sum the pixels (small).
+    dk = jnp.stack([jnp.sum(tap_row_products(
+        rows, cotangent[..., j], "nyxtc,nyxc->nyxt", row_starts, col_starts,
+        (out_h, out_w)), axis=(1, 2)) for j in range(m)], axis=-1)   # (N, k, k, M)
+    dk = dk[:, :, :, None]
+  else:
+    dk = tap_row_products(rows, cotangent, "nyxtc,nyxcm->ncmt", row_starts,
+                              col_starts, (out_h, out_w))              # (N, C, M, k, k)
+    dk = jnp.transpose(dk, (0, 3, 4, 1, 2))
+  return dx, dk.astype(kernels.dtype)
+
+
+per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from a2u_jax.layers import pixel_shuffle
+from a2u_jax.ops import pixel_shuffle
 
 
 def nearest_up(x: jax.Array) -> jax.Array:
@@ -28,7 +28,7 @@ def bilinear_up(x: jax.Array) -> jax.Array:
 
 
 def space_to_depth(x: jax.Array) -> jax.Array:
-  """(N, H, W, C) -> (N, H/2, W/2, 4C), the inverse of `layers.pixel_shuffle(., 2)`:
+  """(N, H, W, C) -> (N, H/2, W/2, 4C), the inverse of `ops.pixel_shuffle(., 2)`:
   channel c*4 + i*2 + j holds pixel (2y+i, 2x+j) of channel c (PyTorch's pixel_unshuffle)."""
   n, h, w, c = x.shape
   x = x.reshape(n, h // 2, 2, w // 2, 2, c)

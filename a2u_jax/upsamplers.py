@@ -110,7 +110,7 @@ class PixelShuffleUp(nn.Module):
   @nn.compact
   def __call__(self, x, context=None, guide=None):
     y = nn.Conv(4 * x.shape[-1], (self.kernel_size,) * 2, dtype=self.dtype, name="expand")(x)
-    return layers.pixel_shuffle(y, 2)
+    return ops.pixel_shuffle(y, 2)
 
 
 class MaxPoolDown(nn.Module):
@@ -162,7 +162,7 @@ class CARAFEUp(nn.Module):
     logits = nn.Conv(4 * self.groups * k * k, (self.encoder_kernel_size,) * 2,
                      kernel_init=nn.initializers.normal(1e-3), dtype=self.dtype,
                      name="content_encoder")(compressed)
-    kernels = _softmax_taps(layers.pixel_shuffle(logits, 2), self.groups)
+    kernels = _softmax_taps(ops.pixel_shuffle(logits, 2), self.groups)
     layers.sow_largest_tap(self, kernels, k * k)
     return ops.reassemble_up(x, kernels.astype(x.dtype), kernel_size=k, groups=self.groups)
 
@@ -217,7 +217,7 @@ class IndexNetDown(nn.Module):
     layers.sow_largest_tap(self, encoder, 4)
 
     def shuffle(index):  # (N, h, w, C', 4) -> (N, 2h, 2w, C')
-      return layers.pixel_shuffle(index.reshape(index.shape[:3] + (-1,)), 2)
+      return ops.pixel_shuffle(index.reshape(index.shape[:3] + (-1,)), 2)
 
     return rops.index_pool(x, shuffle(encoder).astype(x.dtype)), shuffle(decoder)
 
@@ -327,7 +327,7 @@ class DySampleUp(nn.Module):
       if c % (4 * g):
         raise ValueError(f"dysample style 'pl': channels ({c}) must be divisible by 4 x "
                          f"groups ({4 * g})")
-      source, out_channels = layers.pixel_shuffle(x, 2), 2 * g
+      source, out_channels = ops.pixel_shuffle(x, 2), 2 * g
     else:
       raise ValueError(f"dysample: `style` must be 'lp' or 'pl', got {self.style!r}")
     offset = nn.Conv(out_channels, (1, 1), kernel_init=nn.initializers.normal(1e-3),
@@ -339,7 +339,7 @@ class DySampleUp(nn.Module):
     else:
       offset = offset * 0.25
     if self.style == "lp":
-      offset = layers.pixel_shuffle(offset, 2)  # (N, 2h, 2w, 2G), channel xy*G + g
+      offset = ops.pixel_shuffle(offset, 2)  # (N, 2h, 2w, 2G), channel xy*G + g
     offset = offset.reshape(n, 2 * h, 2 * w, 2, g)
     # Initial positions: output sub-pixel (a, b) sits at (+-0.25, +-0.25) input pixels.
     sub = jnp.array([-0.25, 0.25], offset.dtype)

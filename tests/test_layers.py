@@ -36,7 +36,7 @@ def test_generator_reproduces_authors_kernels(matting_reference):
 
 @pytest.mark.parametrize("size,bins", [(96, 6), (128, 6), (7, 3), (5, 5), (3, 6)])
 def test_adaptive_pool_matrix_follows_pytorch_bins(size, bins):
-  matrix = layers.adaptive_avg_pool_matrix(size, bins)
+  matrix = ops.adaptive_avg_pool_matrix(size, bins)
   for i in range(bins):
     start = int(np.floor(i * size / bins))
     stop = int(np.ceil((i + 1) * size / bins))
@@ -47,7 +47,7 @@ def test_adaptive_pool_matrix_follows_pytorch_bins(size, bins):
 
 def test_pixel_shuffle_uses_pytorch_channel_order():
   x = np.arange(2 * 3 * 4 * 8, dtype=np.float32).reshape(2, 3, 4, 8)   # C = 2 * 2 * 2
-  out = np.asarray(layers.pixel_shuffle(jnp.asarray(x), 2))
+  out = np.asarray(ops.pixel_shuffle(jnp.asarray(x), 2))
   chex.assert_shape(out, (2, 6, 8, 2))
   for c in range(2):
     for i in range(2):
@@ -147,7 +147,7 @@ def test_per_sample_depthwise_matches_grouped_convolution_and_its_gradient():
   x = jax.random.normal(jax.random.key(7), (2, 10, 12, 3))
   kernels = jax.random.normal(jax.random.key(8), (2, 6, 6, 3, 2))
   expected = _depthwise_by_conv(x, kernels, 2, 2)
-  out = jax.jit(layers.per_sample_depthwise, static_argnums=(2, 3))(x, kernels, 2, 2)
+  out = jax.jit(ops.per_sample_depthwise, static_argnums=(2, 3))(x, kernels, 2, 2)
   chex.assert_shape(out, (2, 5, 6, 3, 2))
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   # Per-sample kernels really are per sample.
@@ -155,12 +155,12 @@ def test_per_sample_depthwise_matches_grouped_convolution_and_its_gradient():
                              rtol=1e-5, atol=1e-5)
   with jax.enable_x64(True):
     x64, k64 = np.asarray(x, np.float64), np.asarray(kernels, np.float64)
-    jax.test_util.check_grads(lambda a, b: layers.per_sample_depthwise(a, b, 2, 2),
+    jax.test_util.check_grads(lambda a, b: ops.per_sample_depthwise(a, b, 2, 2),
                               (x64, k64), order=1, modes=("rev",))
     # The hand-written VJP against the grouped convolution's autodiff, odd sizes included.
     x_odd = np.random.default_rng(0).standard_normal((2, 9, 11, 3))
     ct = np.random.default_rng(1).standard_normal((2, 4, 5, 3, 2))
-    got = jax.vjp(lambda a, b: layers.per_sample_depthwise(a, b, 2, 2), x_odd, k64)[1](ct)
+    got = jax.vjp(lambda a, b: ops.per_sample_depthwise(a, b, 2, 2), x_odd, k64)[1](ct)
     want = jax.vjp(lambda a, b: _depthwise_by_conv(a, b, 2, 2), x_odd, k64)[1](ct)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
@@ -170,7 +170,7 @@ def test_per_sample_depthwise_matches_grouped_convolution_and_its_gradient():
     shared = np.random.default_rng(2).standard_normal((2, 5, 5, 1, 2))
     broadcast = np.broadcast_to(shared, (2, 5, 5, 3, 2))
     ct3 = np.random.default_rng(3).standard_normal((2, 3, 4, 3, 2))
-    got = jax.vjp(lambda a, b: layers.per_sample_depthwise(a, b, 3, 2), x_odd, shared)
+    got = jax.vjp(lambda a, b: ops.per_sample_depthwise(a, b, 3, 2), x_odd, shared)
     want = jax.vjp(lambda a, b: _depthwise_by_conv(a, b, 3, 2), x_odd, broadcast)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     got, want = got[1](ct3), want[1](ct3)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from a2u_jax import layers, upsamplers
+from a2u_jax import layers, ops, upsamplers
 from a2u_jax import resample_ops as rops
 
 
@@ -195,7 +195,7 @@ def test_dysample_matches_grid_sample_with_border_padding(style):
     def offset(yy, xx, xy, g):
       return raw[0, yy // 2, xx // 2, (xy * groups + g) * 4 + (yy % 2) * 2 + xx % 2]
   else:
-    raw = np.asarray(layers.pixel_shuffle(jnp.asarray(x), 2)) @ kernel + bias  # (1,2h,2w,2G)
+    raw = np.asarray(ops.pixel_shuffle(jnp.asarray(x), 2)) @ kernel + bias  # (1,2h,2w,2G)
 
     def offset(yy, xx, xy, g):
       return raw[0, yy, xx, xy * groups + g]
@@ -245,7 +245,7 @@ def test_max_pool_indices_and_unpool_by_hand():
 
 def test_space_to_depth_inverts_pixel_shuffle():
   x = jax.random.normal(jax.random.key(5), (2, 6, 4, 3))
-  np.testing.assert_array_equal(layers.pixel_shuffle(rops.space_to_depth(x), 2), x)
+  np.testing.assert_array_equal(ops.pixel_shuffle(rops.space_to_depth(x), 2), x)
   np.testing.assert_array_equal(rops.space_to_depth(x)[0, 0, 0, 1], x[0, 0, 1, 0])  # c0, (0,1)
 
 
