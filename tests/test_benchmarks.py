@@ -21,6 +21,7 @@ def _run(*args: str) -> str:
   return result.stdout
 
 
+@pytest.mark.slow  # a subprocess timing eight implementations (benchmarks run in CI)
 def test_reassembly_benchmark_prints_its_table():
   out = _run("benchmarks/reassembly.py", "--quick", "--repeats", "1")
   assert "| a2u_jax slices (default) |" in out and "| a2u_jax gather |" in out
@@ -37,6 +38,7 @@ def test_network_benchmark_checks_the_pytorch_transcription_and_prints_its_table
   assert "A2U / baseline (float32):" in out
 
 
+@pytest.mark.slow  # a subprocess running both data pipelines (benchmarks run in CI)
 def test_data_pipeline_benchmark_prints_its_table():
   out = _run("benchmarks/input_pipeline.py", "--samples", "4", "--batch", "2", "--crop", "64",
              "--min-size", "100", "--max-size", "140", "--step-seconds", "0.5")
