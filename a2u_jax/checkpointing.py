@@ -2,7 +2,7 @@
 
 A model checkpoint folder holds ``variables/`` (an orbax StandardCheckpointer tree with
 ``params`` and ``batch_stats``) and ``model.json`` (keyword arguments of
-`a2u_jax.models.a2u_matting` / `baseline_matting`, with the key "resampler").
+`a2u_jax.models.build_model`: the resampler and the other `MattingNet` attributes).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from typing import Any
 
-import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -23,14 +22,6 @@ from a2u_jax import models
 
 MODEL_FILE = "model.json"
 VARIABLES_DIR = "variables"
-
-
-def build_model(model_config: dict[str, Any]) -> models.MattingNet:
-  """`MattingNet` from a model.json dict (keys: resampler and MattingNet attributes)."""
-  model_config = dict(model_config)
-  if model_config.get("resampler_options") is not None:  # hashable, like every attribute
-    model_config["resampler_options"] = flax.core.FrozenDict(model_config["resampler_options"])
-  return models.MattingNet(**model_config)
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -80,4 +71,4 @@ def load_model_checkpoint(directory: str | os.PathLike
                             f"and {VARIABLES_DIR}/ inside it")
   model_config = json.loads(config_path.read_text())
   variables = _process_local_checkpointer().restore(directory / VARIABLES_DIR)
-  return build_model(model_config), variables
+  return models.build_model(model_config), variables

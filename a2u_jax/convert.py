@@ -206,7 +206,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   missing or mis-shaped keys raise ValueError listing them (first few and the count).
   """
   config = detect_model_config(state_dict)
-  model = checkpointing.build_model(config)
+  model = models.build_model(config)
   return convert_into(_normalise_keys(state_dict), _abstract_variables(model), official_layout())
 
 

@@ -149,10 +149,10 @@ def test_a_fresh_core_virtualenv_runs_the_operator_and_predict(tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from a2u_jax import checkpointing
+  from a2u_jax import checkpointing, models
 
   options = {"resampler": "a2u", "share": True}
-  model = checkpointing.build_model(options)
+  model = models.build_model(options)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
   checkpoint = checkpointing.save_model_checkpoint(tmp_path / "model", variables, options)
   venv = tmp_path / "venv"

@@ -114,10 +114,10 @@ def _write_checkpoint(path):
   import jax
   import jax.numpy as jnp
 
-  from a2u_jax import checkpointing
+  from a2u_jax import checkpointing, models
 
   options = {"resampler": "a2u", "share": True}
-  model = checkpointing.build_model(options)
+  model = models.build_model(options)
   variables = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 4)))
   return checkpointing.save_model_checkpoint(path, variables, options)
 

@@ -182,7 +182,7 @@ def test_bad_config_values_name_the_field(override, message):
 
 
 def test_resampler_from_the_config_and_its_errors(tmp_path):
-  from a2u_jax import checkpointing
+  from a2u_jax import models
   from configs import upsampler
 
   config = upsampler.get_config("indexnet")
@@ -193,7 +193,7 @@ def test_resampler_from_the_config_and_its_errors(tmp_path):
   # model.json round trip (what predict/evaluate rebuild from a training run).
   options = state_lib.model_options(config)
   assert json.loads(json.dumps(options)) == options
-  assert checkpointing.build_model(json.loads(json.dumps(options))) == model
+  assert models.build_model(json.loads(json.dumps(options))) == model
   config.model.resampler_options.index = "diagonal"
   with pytest.raises(ValueError, match="config.model.resampler_options: indexnet: `index` must"):
     loop.validate_config(config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -183,3 +184,12 @@ def baseline_matting(**overrides) -> MattingNet:
   parameter count is exactly the four kernel generators.
   """
   return MattingNet(resampler="baseline", **overrides)
+
+
+def build_model(model_config: dict[str, Any]) -> MattingNet:
+  """`MattingNet` from a model.json dict (keys: resampler and the other attributes), as
+  checkpoints, conversion and training describe a model."""
+  model_config = dict(model_config)
+  if model_config.get("resampler_options") is not None:  # hashable, like every attribute
+    model_config["resampler_options"] = flax.core.FrozenDict(model_config["resampler_options"])
+  return MattingNet(**model_config)

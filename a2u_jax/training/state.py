@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from a2u_jax import checkpointing, convert, models
+from a2u_jax import convert, models
 
 # Top-level parameter names that the ImageNet ResNet-34 initialises (the authors' lr / 100
 # group); everything else (kernel generators, ASPP, skips, decoder, head) is new.
@@ -36,7 +36,7 @@ def model_from_config(config: ml_collections.ConfigDict, axis_name: str | None =
                       ) -> models.MattingNet:
   """The matting network of `config.model` (compute dtype from `config.dtype`)."""
   dtype = COMPUTE_DTYPES[config.dtype]
-  return checkpointing.build_model(
+  return models.build_model(
       {**model_options(config), "axis_name": axis_name, "dtype": dtype})
 
 
