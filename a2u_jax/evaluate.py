@@ -16,8 +16,8 @@ trimap's known regions restored, and multiplied by 255 and truncated to uint8 (t
 MATLAB semantics of `a2u_jax.metrics`, so running the authors' MATLAB scripts on OUT/alpha
 gives the same numbers.
 
-Images are grouped by padded shape; each group runs through one `jax.pmap` over the local
-devices, with the last batch of a group filled by masked copies so that nothing is
+Images are grouped by padded shape; each group runs data-parallel over the local devices
+(`predict.Predictor`, on `parallel.DataParallel`), with the last batch of a group filled by masked copies so that nothing is
 counted twice or dropped. There is one compilation per shape group.
 
 Outputs, in --out: alpha/NAME.png (8-bit alpha, the input's size), metrics.csv (one row per

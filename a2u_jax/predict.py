@@ -22,16 +22,17 @@ import jax
 import numpy as np
 from PIL import Image
 
-from a2u_jax import checkpointing, inputs
+from a2u_jax import checkpointing, inputs, parallel
 from data_pipeline import evaluation, files
 
 TRIMAP_VALUES = np.array([0, 128, 255])
 
 
 @functools.lru_cache(maxsize=8)
-def _pmapped_forward(model, devices: tuple) -> tuple[Callable, list[int]]:
-  """One pmapped eval-mode forward per (model, devices), shared by every `Predictor` of
-  that model (modules are hashable), with its trace counter."""
+def _sharded_forward(model, devices: tuple) -> tuple[Callable, list[int]]:
+  """One jitted eval-mode forward per (model, devices), its output split over the
+  devices, shared by every `Predictor` of that model (modules are hashable), with its
+  trace counter."""
   traces = [0]
 
   def forward(variables, image, trimap):
@@ -39,41 +40,40 @@ def _pmapped_forward(model, devices: tuple) -> tuple[Callable, list[int]]:
     prediction = model.apply(variables, inputs.model_inputs(image, trimap), train=False)
     return inputs.postprocess_alpha(prediction, trimap)
 
-  return jax.pmap(forward, in_axes=(None, 0, 0), devices=list(devices)), traces
+  return jax.jit(forward, out_shardings=parallel.DataParallel(devices).split), traces
 
 
 class Predictor:
-  """Eval-mode alphas for padded batches, split over `devices` with `jax.pmap`.
+  """Eval-mode alphas for padded batches, data-parallel over `devices`
+  (`parallel.DataParallel`; default: the first local device).
 
   Call with image float32 (B, H, W, 3) in [0, 1] and trimap uint8 (B, H, W, 1), H and W
-  multiples of 16, B a multiple of the device count; returns the post-processed alphas
-  (clipped, known trimap regions restored), float32 (B, H, W, 1), on the host. Each input
-  shape compiles once per model and device set; `compilations` counts them.
+  multiples of 16, B a multiple of this process's devices among `devices`; returns the
+  post-processed alphas (clipped, known trimap regions restored), float32 (B, H, W, 1), on
+  the host. With devices of several processes (training's validation) every process calls
+  it together with its own rows. Each input shape compiles once per model and device set;
+  `compilations` counts them.
   """
 
   def __init__(self, model, variables: dict[str, Any],
                devices: Sequence[jax.Device] | None = None):
-    self.devices = tuple(devices or jax.local_devices()[:1])
-    self._forward, self._traces = _pmapped_forward(model, self.devices)
-    mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
-    # Placed once, replicated: pmap then uses these buffers without copying per call.
-    self.variables = jax.device_put(
-        variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self.runtime = parallel.DataParallel(devices or jax.local_devices()[:1])
+    self.devices = self.runtime.devices
+    self._forward, self._traces = _sharded_forward(model, self.devices)
+    # Placed once, replicated (a training state already is: then nothing is copied).
+    self.variables = self.runtime.put(variables)
 
   @property
   def compilations(self) -> int:
     return self._traces[0]
 
   def __call__(self, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
-    count = len(self.devices)
+    count = self.runtime.local_devices
     if image.shape[0] % count:
       raise ValueError(f"a batch of {image.shape[0]} does not split over {count} devices")
-
-    def split(x):
-      return x.reshape((count, x.shape[0] // count) + x.shape[1:])
-
-    alpha = self._forward(self.variables, split(image), split(trimap))
-    return np.asarray(alpha).reshape(image.shape[:-1] + (1,))
+    batch = self.runtime.shard({"image": image, "trimap": trimap})
+    return self.runtime.local_rows(self._forward(self.variables, batch["image"],
+                                                 batch["trimap"]))
 
 
 def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
@@ -88,7 +88,7 @@ def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -
   pad = ((0, padded_h - height), (0, padded_w - width))
   image = np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")
   trimap = np.pad(trimap, pad, mode="reflect")[..., None]
-  batch = len(predictor.devices)
+  batch = predictor.runtime.local_devices
   alpha = predictor(np.repeat(image[None], batch, 0), np.repeat(trimap[None], batch, 0))
   return alpha[0, :height, :width, 0]
 

@@ -62,6 +62,7 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
   sys.path.insert(0, str(ROOT))
   import jax
 
+  from a2u_jax import parallel
   from a2u_jax.training import loop, state as state_lib
   from configs import a2u_matting
 
@@ -72,11 +73,12 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
   elif variant == "baseline":
     config.model.resampler = "baseline"
   device = jax.devices()[0]
-  run = loop._Run(config, devices=[device])
-  state = run.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), run.model))
-  batch, rng = run.shard(random_batch(crop, size)), run.put(jax.random.PRNGKey(1))
+  runtime = parallel.DataParallel([device])
+  model = state_lib.model_from_config(config, axis_name=parallel.AXIS)
+  state = runtime.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), model))
+  batch, rng = runtime.shard(random_batch(crop, size)), runtime.put(jax.random.PRNGKey(1))
   start = time.perf_counter()
-  lowered = run.train_step.lower(state, batch, rng)
+  lowered = loop.make_train_step(config, runtime).lower(state, batch, rng)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   state, metrics = compiled(state, batch, rng)
@@ -92,7 +94,7 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
     x = jax.numpy.zeros((size, crop, crop, 4), jax.numpy.float32)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     start = time.perf_counter()
-    jax.jit(lambda v, x: run.model.apply(v, x, train=False)).lower(variables, x).compile()
+    jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
     inference_compile = time.perf_counter() - start
   peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
   if peak is None:

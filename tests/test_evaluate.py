@@ -48,7 +48,7 @@ def test_evaluate_writes_alphas_and_metrics_with_one_compilation_per_bucket(
   model, variables = model_and_variables
   items = data_pipeline.folder_items(photo_folder)
   assert data_pipeline.num_buckets(items) == 2
-  predict._pmapped_forward.cache_clear()  # count this test's compilations from zero
+  predict._sharded_forward.cache_clear()  # count this test's compilations from zero
   two = evaluate.evaluate(model, variables, items, tmp_path / "two",
                           devices=jax.local_devices()[:2], progress=False)
   assert two["compilations"] == 2

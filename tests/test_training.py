@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from a2u_jax import losses
+from a2u_jax import losses, parallel
 from a2u_jax.training import loop, state as state_lib, steps
 from configs import smoke
 
@@ -144,9 +144,11 @@ def test_two_devices_give_the_update_of_one_device_with_the_whole_batch(single_d
   rng = jax.random.PRNGKey(3)
   with jax.enable_x64(True):
     expected, expected_metrics = step(state, batch, rng)
-    run = loop._Run(config, devices=jax.devices()[:2])  # the training loop's parallelism
-    sharded_state = run.put(state.replace(apply_fn=run.model.apply))
-    got, got_metrics = run.train_step(sharded_state, run.shard(batch), run.put(rng))
+    runtime = parallel.DataParallel(jax.devices()[:2])  # the training loop's parallelism
+    model = state_lib.model_from_config(config, axis_name=parallel.AXIS)
+    sharded_state = runtime.put(state.replace(apply_fn=model.apply))
+    got, got_metrics = loop.make_train_step(config, runtime)(
+        sharded_state, runtime.shard(batch), runtime.put(rng))
     got, expected = jax.device_get((got, expected))
   assert got.params["stem"]["conv"]["kernel"].dtype == np.float32
   # The step computes in float64, so the two layouts differ by float64 rounding in the

@@ -26,7 +26,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from a2u_jax import checkpointing, distributed, evaluate as evaluation
-from a2u_jax import metrics as matting_metrics, models
+from a2u_jax import metrics as matting_metrics, models, parallel, predict
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 from data_pipeline.files import NETWORK_STRIDE
@@ -216,54 +216,16 @@ def _training_batches(source, **options):
   return data_pipeline.train_batches(source, **options)
 
 
-class _Run:
-  """Data parallelism over a 1-D device mesh ("batch") with `shard_map`.
-
-  Why a mesh and shard_map rather than pmap: the step keeps its explicit collectives (the
-  gradient `pmean` and the batch-norm statistics synchronised through the model's
-  `axis_name`), the host batch is fed as it is (no [devices, per_device] reshape), the same
-  code covers one device, all local devices and every device of a multi-host run, and it
-  is the path JAX now implements pmap on.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, devices=None):
-    devices = np.array(jax.devices() if devices is None else devices)
-    self.mesh = jax.sharding.Mesh(devices, (steps.AXIS,))
-    self.devices = devices.size
-    self.local_devices = sum(d.process_index == jax.process_index() for d in devices.flat)
-    self.model = state_lib.model_from_config(config, axis_name=steps.AXIS)
-    self.eval_model = state_lib.model_from_config(config)
-    replicated = jax.sharding.PartitionSpec()
-    split = jax.sharding.PartitionSpec(steps.AXIS)
-    self.replicated = jax.sharding.NamedSharding(self.mesh, replicated)
-    self.split = jax.sharding.NamedSharding(self.mesh, split)
-    step = functools.partial(steps.train_step, axis_name=steps.AXIS,
-                             learning_rates=state_lib.learning_rate_schedules(config))
-    self.train_step = jax.jit(
-        jax.shard_map(step, mesh=self.mesh, in_specs=(replicated, split, replicated),
-                      out_specs=(replicated, replicated)),
-        donate_argnums=(0,))
-    self.predict = jax.jit(steps.predict_step, out_shardings=self.split)
-
-  def put(self, tree):
-    """Replicates a host tree (the state, keys) over the mesh."""
-    return jax.device_put(tree, self.replicated)
-
-  def shard(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This host's batch, split over the mesh along the leading axis."""
-    return {key: jax.make_array_from_process_local_data(self.split, value)
-            for key, value in batch.items()}
-
-  @staticmethod
-  def get(tree):
-    """A replicated tree (the state, metrics) on the host."""
-    return jax.device_get(tree)
-
-  @staticmethod
-  def local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-split array, in the order `shard` took them."""
-    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-    return np.concatenate([np.asarray(shard.data) for shard in shards])
+def make_train_step(config: ml_collections.ConfigDict, runtime: parallel.DataParallel
+                    ) -> Callable:
+  """`steps.train_step(state, batch, rng)` data-parallel over `runtime`: the batch split,
+  the state and the key replicated, the state donated. The state's `apply_fn` must be a
+  model built with `axis_name=parallel.AXIS` (`state_lib.model_from_config(config,
+  axis_name=parallel.AXIS)`), so batch-norm statistics are synchronised across devices."""
+  step = functools.partial(steps.train_step, axis_name=parallel.AXIS,
+                           learning_rates=state_lib.learning_rate_schedules(config))
+  return runtime.step(step, in_specs=(parallel.REPLICATED, parallel.SPLIT, parallel.REPLICATED),
+                      out_specs=(parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
 
 
 def _checkpoint_managers(workdir: pathlib.Path, config: ml_collections.ConfigDict):
@@ -369,21 +331,24 @@ class _Logger:
       self.writer.flush()
 
 
-def validate(run: _Run, state, items, batch_size: int) -> dict[str, float]:
+def validate(predictor: predict.Predictor, items, batch_size: int) -> dict[str, float]:
   """Mean SAD and MSE (the papers' units) over evaluation items.
 
   Every process of a multi-host run takes its slice of each global batch
-  (`eval_batches`' shards), predicts on its local devices and scores its images; the
-  scores are gathered, so every process returns the same means.
+  (`eval_batches`' shards), predicts it with `predictor` (over every process's devices,
+  called by all together) and scores its images; the scores are gathered, so every
+  process returns the same means.
   """
   import data_pipeline
 
-  batch_size = -(-batch_size // run.local_devices) * run.local_devices
+  local = predictor.runtime.local_devices
+  batch_size = -(-batch_size // local) * local
   scores = []  # per batch slot: (sad, mse, is a real image)
   for batch in data_pipeline.eval_batches(items, batch_size=batch_size,
                                           shard_index=jax.process_index(),
                                           num_shards=jax.process_count()):
-    predictions = evaluation.valid_predictions(batch, _predict_host(run, state, batch))
+    predictions = evaluation.valid_predictions(batch, predictor(batch["image"],
+                                                                batch["trimap"]))
     rows = [(matting_metrics.sad(pred, gt, tri), matting_metrics.mse(pred, gt, tri), 1.0)
             for _, pred, gt, tri in predictions]
     scores += rows + [(0.0, 0.0, 0.0)] * (batch_size - len(rows))
@@ -413,15 +378,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   lead = distributed.is_lead()
   if lead:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  run = _Run(config)
+  runtime = parallel.DataParallel()
+  model = state_lib.model_from_config(config, axis_name=parallel.AXIS)
+  eval_model = state_lib.model_from_config(config)
+  train_step = make_train_step(config, runtime)
   total_steps = num_train_steps(config)
   host_batch = config.batch_size // jax.process_count()
 
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  state = state_lib.create_train_state(config, init_rng, run.model)
+  state = state_lib.create_train_state(config, init_rng, model)
   latest, best = _checkpoint_managers(workdir, config)
-  state, start_step = _restore(latest, state, config, run.replicated)
+  state, start_step = _restore(latest, state, config, runtime.replicated)
   logger = _Logger(workdir, lead)
   if lead:
     _truncate_metrics(logger.path, start_step)
@@ -434,8 +402,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       shard_index=jax.process_index(), num_shards=jax.process_count(),
       skip_batches=start_step)
 
-  device_state = run.put(state)
-  device_rng = run.put(dropout_rng)
+  device_state = runtime.put(state)
+  device_rng = runtime.put(dropout_rng)
+
+  def predictor(device_state):
+    return predict.Predictor(eval_model, {"params": device_state.params,
+                                          "batch_stats": device_state.batch_stats},
+                             runtime.devices)
+
   last: dict[str, Any] = {}
   bar = _progress_bar(start_step, total_steps, progress and lead)
   step = start_step
@@ -451,8 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       while step < total_steps:
         started = time.perf_counter()
         batch = next(batches)
-        device_state, step_metrics = run.train_step(device_state, run.shard(batch), device_rng)
-        step_metrics = run.get(step_metrics)
+        device_state, step_metrics = train_step(device_state, runtime.shard(batch),
+                                                device_rng)
+        step_metrics = runtime.get(step_metrics)
         first = step == start_step
         spent["first step (compiles)" if first else "other steps"] += (
             time.perf_counter() - started)
@@ -474,28 +449,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if step % config.log_every == 0 or step == total_steps:
           logger.scalars(step, last)
         if config.image_summary_every and step % config.image_summary_every == 0:
-          logger.images(step, batch, _predict_host(run, device_state, batch))
+          logger.images(step, batch, predictor(device_state)(batch["image"], batch["trimap"]))
         # Everything a step logs is written before its checkpoint is: a run killed after
         # the checkpoint resumes past this step and would not log it again.
         validating = config.eval_every > 0 and (step % config.eval_every == 0
                                                 or step == total_steps)
         if validating:
           started = time.perf_counter()
-          values = validate(run, device_state, items, config.validation.batch_size)
+          values = validate(predictor(device_state), items, config.validation.batch_size)
           spent["validation"] += time.perf_counter() - started
           logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
           last.update({f"validation/{k}": v for k, v in values.items()})
         started = time.perf_counter()
         if step % config.checkpoint_every == 0 or step == total_steps:
-          _save(latest, run.get(device_state), config)
+          _save(latest, runtime.get(device_state), config)
         if validating:
-          _save(best, run.get(device_state), config, metrics=values)
+          _save(best, runtime.get(device_state), config, metrics=values)
         spent["checkpoints"] += time.perf_counter() - started
         if step < total_steps and _any_process(stop.signal_name is not None):
           # Another process's signal stops this one too (at the same step).
           stop.signal_name = stop.signal_name or "SIGTERM"
           if step != latest.latest_step():
-            _save(latest, run.get(device_state), config)
+            _save(latest, runtime.get(device_state), config)
           break
   except KeyboardInterrupt:
     # A second Ctrl-C (or one outside the handlers' reach): the step under way is
@@ -510,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if step < total_steps:
     raise Interrupted(stop.signal_name, step, latest.latest_step())
   if lead:
-    host_state = run.get(device_state)
+    host_state = runtime.get(device_state)
     checkpointing.save_model_checkpoint(
         workdir / "model", {"params": host_state.params, "batch_stats": host_state.batch_stats},
         state_lib.model_options(config), force=True)
@@ -526,13 +501,6 @@ def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(distributed.allgather(np.array([flag], np.int32)).any())
-
-
-def _predict_host(run: _Run, device_state, batch) -> np.ndarray:
-  """Predictions for this process's batch (collective: every process calls it)."""
-  sharded = run.shard({"image": batch["image"], "trimap": batch["trimap"]})
-  return run.local_rows(run.predict(device_state.replace(apply_fn=run.eval_model.apply),
-                                    sharded["image"], sharded["trimap"]))
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

@@ -1,4 +1,5 @@
-"""Pure train and eval steps, to be jitted (one device) or pmapped (axis "batch")."""
+"""Pure train and eval steps, to be jitted (one device) or run data-parallel over
+`parallel.DataParallel` (axis `parallel.AXIS`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import optax
 
 from a2u_jax import inputs, losses
 from a2u_jax.training.state import TrainState
-
-AXIS = "batch"
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
@@ -52,12 +51,3 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   for group, schedule in (learning_rates or {}).items():
     metrics[f"learning_rate/{group}"] = schedule(state.step)
   return new_state, metrics
-
-
-def predict_step(state: TrainState, image: jax.Array, trimap: jax.Array) -> jax.Array:
-  """Eval-mode alpha for a padded batch: clipped to [0, 1], known trimap regions restored
-  (the authors' post-processing). image (B, H, W, 3) in [0, 1]; trimap uint8."""
-  x = inputs.model_inputs(image, trimap)
-  prediction = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                              x, train=False)
-  return inputs.postprocess_alpha(prediction, trimap)

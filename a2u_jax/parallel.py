@@ -1,0 +1,72 @@
+"""Data parallelism, one way for training, validation, prediction and evaluation.
+
+A `DataParallel` is a 1-D device mesh (axis "batch") over some devices: the local ones, or
+every device of a multi-host run. Batches are split along their leading axis over it, and
+states and variables are replicated. Steps with explicit collectives (the gradient mean,
+synchronised batch-norm statistics) run under `shard_map` (`DataParallel.step`); inference
+is a `jit` whose output stays split (`predict.Predictor`).
+
+Why a mesh rather than `jax.pmap`: the host batch is fed as it is (no
+[devices, per_device] reshape), the same code covers one device, all local devices and
+every device of a multi-host run, and `shard_map` is what JAX now implements `pmap` on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "batch"
+REPLICATED = PartitionSpec()
+SPLIT = PartitionSpec(AXIS)
+
+
+class DataParallel:
+  """A mesh over `devices` (default: every device of every process) with axis `AXIS`.
+
+  Attributes:
+    devices: the mesh's devices, in mesh order.
+    local_devices: how many of them belong to this process; each process feeds batches
+      whose leading size is a multiple of it.
+    replicated, split: the `NamedSharding`s of a replicated tree and of a batch.
+  """
+
+  def __init__(self, devices: Sequence[jax.Device] | None = None):
+    devices = np.array(list(jax.devices() if devices is None else devices))
+    self.mesh = Mesh(devices, (AXIS,))
+    self.devices: tuple[jax.Device, ...] = tuple(devices.flat)
+    self.local_devices = sum(d.process_index == jax.process_index() for d in self.devices)
+    self.replicated = NamedSharding(self.mesh, REPLICATED)
+    self.split = NamedSharding(self.mesh, SPLIT)
+
+  def put(self, tree: Any) -> Any:
+    """A host tree (a state, variables, keys) replicated over the mesh. Arrays already
+    replicated over this mesh are used as they are."""
+    return jax.device_put(tree, self.replicated)
+
+  def shard(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of a global batch, split over the mesh along the leading axis
+    (with one process: the whole batch)."""
+    return {key: jax.make_array_from_process_local_data(self.split, value)
+            for key, value in batch.items()}
+
+  @staticmethod
+  def get(tree: Any) -> Any:
+    """A replicated tree (a state, metrics) on the host."""
+    return jax.device_get(tree)
+
+  @staticmethod
+  def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a split array, in the order `shard` took them."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+  def step(self, fn: Callable, in_specs: tuple, out_specs: Any,
+           donate_argnums: tuple[int, ...] = ()) -> Callable:
+    """`fn` jitted under `shard_map` over the mesh; specs are `REPLICATED` or `SPLIT`
+    (a batch argument is split, a state replicated); inside, collectives use `AXIS`."""
+    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
+                   donate_argnums=donate_argnums)
