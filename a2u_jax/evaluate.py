@@ -17,8 +17,8 @@ MATLAB semantics of `a2u_jax.metrics`, so running the authors' MATLAB scripts on
 gives the same numbers.
 
 Images are grouped by padded shape; each group runs data-parallel over the local devices
-(`predict.Predictor`, on `parallel.DataParallel`), with the last batch of a group filled by masked copies so that nothing is
-counted twice or dropped. There is one compilation per shape group.
+(`predict.Predictor`, on `parallel.DataParallel`), with the last batch of a group filled
+by masked copies so that nothing is counted twice or dropped. There is one compilation per shape group.
 
 Outputs, in --out: alpha/NAME.png (8-bit alpha, the input's size), metrics.csv (one row per
 image, in the test set's order: name, height, width, sad, mse, grad, conn) and run.json

@@ -503,7 +503,7 @@ def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
     dk = dk[:, :, :, None]
   else:
     dk = tap_row_products(rows, cotangent, "nyxtc,nyxcm->ncmt", row_starts,
-                              col_starts, (out_h, out_w))              # (N, C, M, k, k)
+                          col_starts, (out_h, out_w))                  # (N, C, M, k, k)
     dk = jnp.transpose(dk, (0, 3, 4, 1, 2))
   return dx, dk.astype(kernels.dtype)
 

@@ -348,7 +348,7 @@ class DySampleUp(nn.Module):
     offset = offset + jnp.stack([jnp.broadcast_to(initial_x, (1, 2 * h, 2 * w, 1)),
                                  jnp.broadcast_to(initial_y, (1, 2 * h, 2 * w, 1))], axis=3)
     ix, iy = rops.dysample_positions(offset)
-    if self.is_mutable_collection("intermediates"):
+    if self.is_mutable_collection("intermediates"):  # the weights exist only for the readout
       layers.sow_largest_tap(self, rops.bilinear_weights(ix, iy, h, w), 4)
     return rops.bilinear_sample_border(x, ix, iy)
 

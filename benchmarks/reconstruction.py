@@ -49,6 +49,7 @@ import gzip
 import json
 import math
 import pathlib
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -254,7 +255,8 @@ def kernel_sharpness(intermediates: dict) -> dict[tuple[str, int, int], tuple[fl
   for path, records in traverse_util.flatten_dict(intermediates).items():
     if path[-1] != "largest_tap":
       continue
-    kind, level = path[0].rstrip("0123456789"), int(path[0].lstrip("downup"))
+    kind, level = re.fullmatch(r"(down|up)(\d+)", path[0]).groups()
+    level = int(level)
     record = records[0]
     uniform = float(record["uniform"])
     readout[(kind, round(1 / uniform), level)] = (record["mean"], uniform)

@@ -108,10 +108,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("batch_size", "crop_size", "steps_per_epoch", "log_every",
                "checkpoint_every", "keep_checkpoints"):
     positive(name)
-  steps = config.num_train_steps
-  if not isinstance(steps, int) or isinstance(steps, bool) or steps < -1:
+  total = config.num_train_steps
+  if not isinstance(total, int) or isinstance(total, bool) or total < -1:
     raise ValueError(f"config.num_train_steps must be >= 0, or -1 for num_epochs * "
-                     f"steps_per_epoch, got {steps!r}")
+                     f"steps_per_epoch, got {total!r}")
   if config.crop_size % NETWORK_STRIDE:
     raise ValueError(f"config.crop_size must be a multiple of {NETWORK_STRIDE}, got "
                      f"{config.crop_size}")
