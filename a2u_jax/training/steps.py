@@ -45,6 +45,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   metrics = {"loss": loss, **parts}
   metrics["grad_norm"] = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  # Statistics keep the state's dtype (float32) whatever the compute dtype, so the next
+  # step sees the same types and reuses this compilation.
+  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats,
+                             state.batch_stats)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
   metrics["finite"] = finite
