@@ -2,7 +2,16 @@
 
 A model checkpoint folder holds ``variables/`` (an orbax StandardCheckpointer tree with
 ``params`` and ``batch_stats``) and ``model.json`` (keyword arguments of
-`a2u_jax.models.build_model`: the resampler and the other `MattingNet` attributes).
+`a2u_jax.models.build_model`: the resampler, its options and the other `MattingNet`
+attributes, plus "format_version").
+
+Format versions:
+  1  (no "format_version") A2U's options were top-level keys and its four generators were
+     variables "gen0".."gen3"; the down modules of other operators were "gen0".."gen3".
+  2  every operator goes through `a2u_jax.upsamplers.make_resampler`: its options are under
+     "resampler_options" and its down modules are "down0".."down3" (A2U's generator inside
+     them as "generator").
+Older checkpoints are migrated when they are loaded; the folder itself is left as it is.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -22,6 +32,9 @@ from a2u_jax import models
 
 MODEL_FILE = "model.json"
 VARIABLES_DIR = "variables"
+FORMAT_VERSION = 2
+# Version 1 kept A2U's options as model.json keys of their own.
+_V1_A2U_OPTIONS = ("share", "up_kernel_size", "encode_kernel_size", "rank", "groups")
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -51,7 +64,8 @@ def save_model_checkpoint(directory: str | os.PathLike, variables: dict[str, Any
     checkpointer = _process_local_checkpointer()
     checkpointer.save(staging / VARIABLES_DIR, jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
-    (staging / MODEL_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    described = {**model_config, "format_version": FORMAT_VERSION}
+    (staging / MODEL_FILE).write_text(json.dumps(described, indent=2, sort_keys=True))
     if directory.exists():
       shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
     staging.rename(directory)
@@ -69,6 +83,42 @@ def load_model_checkpoint(directory: str | os.PathLike
   if not config_path.is_file() or not (directory / VARIABLES_DIR).is_dir():
     raise FileNotFoundError(f"{directory} is not a model checkpoint: expected {MODEL_FILE} "
                             f"and {VARIABLES_DIR}/ inside it")
-  model_config = json.loads(config_path.read_text())
+  try:
+    model_config = json.loads(config_path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+  version = model_config.pop("format_version", 1)
+  if version not in (1, FORMAT_VERSION):
+    raise ValueError(f"{config_path}: format_version {version!r} is not one this a2u-jax "
+                     f"reads (1 to {FORMAT_VERSION}); was it written by a newer version?")
   variables = _process_local_checkpointer().restore(directory / VARIABLES_DIR)
+  if version == 1:
+    model_config, variables = migrate_from_version_1(model_config, variables)
   return models.build_model(model_config), variables
+
+
+def migrate_from_version_1(model_config: dict[str, Any], variables: dict[str, Any]
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(model.json options, variables) of a version-1 checkpoint in the current layout.
+
+  A2U's top-level options move under "resampler_options" (other operators ignored them);
+  the variables "gen{i}" become "down{i}", for A2U as "down{i}/generator".
+  """
+  model_config = dict(model_config)
+  resampler = model_config.get("resampler", "a2u")
+  a2u_options = {key: model_config.pop(key) for key in _V1_A2U_OPTIONS if key in model_config}
+  if resampler == "a2u":
+    model_config["resampler_options"] = {**a2u_options,
+                                         **(model_config.get("resampler_options") or {})}
+
+  def rename(tree: dict[str, Any]) -> dict[str, Any]:
+    renamed = {}
+    for name, subtree in tree.items():
+      level = re.fullmatch(r"gen(\d)", name)
+      if level is None:
+        renamed[name] = subtree
+      else:
+        renamed[f"down{level[1]}"] = {"generator": subtree} if resampler == "a2u" else subtree
+    return renamed
+
+  return model_config, {collection: rename(tree) for collection, tree in variables.items()}

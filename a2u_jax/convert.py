@@ -2,9 +2,14 @@
 
     python -m a2u_jax.convert --torch model_best.pth --out checkpoints/a2u_share [--force]
 
-Official keys (see shared/reference/official_checkpoint_keys_*.json) map one to one onto
-`a2u_jax.models.a2u_matting`: conv weights OIHW -> HWIO, 1x1 generator convs -> Dense
+Official keys (see tests/data/reference/official_checkpoint_keys_*.json) map one to one
+onto `a2u_jax.models.a2u_matting`: conv weights OIHW -> HWIO, 1x1 generator convs -> Dense
 kernels, InPlaceABN weight/bias -> params scale/bias and running_mean/var -> batch_stats.
+The names differ where the network goes through the operator family: the authors' kernel
+generators "bilinear0", "bilinear1", "layer2_1.bilinear" and "layer3_1.bilinear" are our
+A2U down modules "down0".."down3" (each an `a2u_jax.layers.A2UDownsample`, whose
+generator is "generator"), and their "bconv_U/V/UP/DP", "bnu", "bnv" are "encode_u/v",
+"mix_up/down", "norm_u/v"; `official_layout` lists every pair.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ def _generator(prefix: str, path: Path) -> Iterator[tuple[str, Path, str]]:
     yield f"{prefix}.{torch_name}", path + (flax_name,), kind
 
 
+def _a2u_down(level: int) -> Path:
+  """Where the network keeps the generator of its A2U down module at `level`."""
+  return (f"down{level}", "generator")
+
+
 def _conv_abn(conv: str, bn: str, path: Path) -> Iterator[tuple[str, Path, str]]:
   yield conv, path + ("conv",), "conv"
   yield bn, path + ("bn",), "abn"
@@ -52,16 +62,16 @@ def official_layout() -> list[tuple[str, Path, str]]:
   `from_torch_state_dict` keeps those present in the Flax model.
   """
   entries = list(_conv_abn("layer0.0", "layer0.1", ("stem",)))
-  entries += _generator("bilinear0", ("gen0",))
-  entries += _generator("bilinear1", ("gen1",))
+  entries += _generator("bilinear0", _a2u_down(0))
+  entries += _generator("bilinear1", _a2u_down(1))
   for i in range(1, 4):
     entries += _basic_block(f"layer1.block{i}", ("layer1", f"block{i}"))
-  for level, gen in (("2", "gen2"), ("3", "gen3")):
+  for level in ("2", "3"):
     first = f"layer{level}_1"
     entries += _conv_abn(f"{first}.layer1.conv1", f"{first}.layer1.bn1", (first, "conv1"))
     entries += _conv_abn(f"{first}.layer2.conv2", f"{first}.layer2.bn2", (first, "conv2"))
     entries += _conv_abn(f"{first}.proj_conv", f"{first}.proj_bn", (first, "proj"))
-    entries += _generator(f"{first}.bilinear", (gen,))
+    entries += _generator(f"{first}.bilinear", _a2u_down(int(level)))
     for i in range(1, 4):
       entries += _basic_block(f"layer{level}_2.block{i}", (f"layer{level}_2", f"block{i}"))
   aspp = "dconv_pp"
@@ -109,7 +119,8 @@ def detect_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   if key not in tensors:
     raise ValueError(f"not an A2U matting checkpoint: no {key!r} among its "
                      f"{len(tensors)} keys (first: {sorted(tensors)[:3]})")
-  return {"resampler": "a2u", "share": bool(tensors[key].shape[0] == 1)}
+  return {"resampler": "a2u",
+          "resampler_options": {"share": bool(tensors[key].shape[0] == 1)}}
 
 
 def _leaves(kind: str, prefix: str) -> list[tuple[str, str, str]]:
@@ -317,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     out = checkpointing.save_model_checkpoint(args.out, variables, config, force=args.force)
   except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
     parser.error(str(error))
-  print(f"wrote {out} ({'share' if config['share'] else 'unshare'} A2U matting network)")
+  share = config["resampler_options"]["share"]
+  print(f"wrote {out} ({'share' if share else 'unshare'} A2U matting network)")
 
 
 if __name__ == "__main__":

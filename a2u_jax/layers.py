@@ -134,10 +134,15 @@ class A2UKernelGenerator(nn.Module):
 class A2UDownsample(nn.Module):
   """2x downsampling with A2U kernels; also returns the paired upsampling kernels.
 
+  It is the down module of `a2u_jax.upsamplers.make_resampler("a2u")`, whose options are
+  these attributes.
+
   Attributes: as `A2UKernelGenerator`, plus `implementation` of the reassembly.
 
   Call:
     x: (N, H, W, C) float array, H and W even, C divisible by `norm_groups` and `groups`.
+    train: accepted for the operator family's `down(x, train)` call; A2U has no batch
+      statistics or dropout, so it computes the same either way.
 
   Returns:
     (y, up_kernels): y (N, H/2, W/2, C) in x's dtype; up_kernels (N, H, W, groups*s**2),
@@ -154,7 +159,8 @@ class A2UDownsample(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    del train  # see the docstring
     down_kernels, up_kernels = A2UKernelGenerator(
         up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
         rank=self.rank, groups=self.groups, share=self.share, norm_groups=self.norm_groups,
@@ -167,7 +173,8 @@ class A2UDownsample(nn.Module):
 
 
 class A2UUpsample(nn.Module):
-  """2x upsampling with the kernels an `A2UDownsample` produced (no parameters).
+  """2x upsampling with the kernels an `A2UDownsample` produced (no parameters); the up
+  module of `a2u_jax.upsamplers.make_resampler("a2u")`.
 
   Attributes:
     up_kernel_size: s, as given to the paired `A2UDownsample`.
@@ -177,6 +184,7 @@ class A2UUpsample(nn.Module):
   Call:
     x: (N, h, w, C) float array, C divisible by `groups`.
     up_kernels: (N, 2h, 2w, groups*s**2) from the paired `A2UDownsample`.
+    guide: accepted for the operator family's `up(x, context, guide)` call; unused.
 
   Returns:
     (N, 2h, 2w, C) array in x's dtype.
@@ -187,7 +195,12 @@ class A2UUpsample(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, up_kernels: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, up_kernels: jax.Array | None = None,
+               guide: jax.Array | None = None) -> jax.Array:
+    del guide  # see the docstring
+    if up_kernels is None:
+      raise ValueError("A2UUpsample needs the up kernels that its paired A2UDownsample "
+                       "returned (`up_kernels`)")
     sow_largest_tap(self, up_kernels, self.up_kernel_size**2)
     return ops.reassemble_up(x, up_kernels.astype(x.dtype), kernel_size=self.up_kernel_size,
                              groups=self.groups, implementation=self.implementation)

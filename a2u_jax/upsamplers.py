@@ -26,7 +26,9 @@ Names (`RESAMPLERS`) and their options:
                  all channels), "depthwise_o2o" or "depthwise_m2o" (a map per channel),
                  `nonlinear` (conv-BN-ReLU6-conv index block), `context` (4x4 index conv).
   a2u            affinity-aware kernels (Dai et al., CVPR 2021): `share`, `rank`, `groups`,
-                 `up_kernel_size` (3), `encode_kernel_size` (6), `norm_groups` (32).
+                 `up_kernel_size` (3), `encode_kernel_size` (6), `norm_groups` (32),
+                 `implementation` of the reassembly; the modules are `layers.A2UDownsample`
+                 and `layers.A2UUpsample`.
   fade           encoder + decoder kernels with a gate (Lu et al., ECCV 2022):
                  `up_kernel_size` (5), `embedding_dim` (64), `lite` (FADE-Lite's depthwise
                  content encoder). Needs the guide.
@@ -375,39 +377,6 @@ class Resampler:
     return self.make_up(**kwargs)
 
 
-class _A2UDown(nn.Module):
-  """`layers.A2UDownsample` with the family's (x, train) call; context = the up kernels."""
-
-  share: bool = True
-  rank: int = 1
-  groups: int = 1
-  up_kernel_size: int = 3
-  encode_kernel_size: int = 6
-  norm_groups: int = 32
-  dtype: Dtype | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    return layers.A2UDownsample(
-        up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
-        rank=self.rank, groups=self.groups, share=self.share, norm_groups=self.norm_groups,
-        dtype=self.dtype, name="a2u")(x)
-
-
-class _A2UUp(nn.Module):
-  """`layers.A2UUpsample` with the family's call; the context is the paired up kernels."""
-
-  up_kernel_size: int = 3
-  groups: int = 1
-
-  @nn.compact
-  def __call__(self, x, context=None, guide=None):
-    if context is None:
-      raise ValueError("a2u: the up module needs the up kernels from its A2U down module")
-    return layers.A2UUpsample(up_kernel_size=self.up_kernel_size, groups=self.groups)(
-        x, context)
-
-
 _FACTORIES: dict[str, Callable[..., Resampler]] = {}
 
 
@@ -478,7 +447,8 @@ _register("max_unpool", _simple("max_unpool", MaxUnpoolUp, MaxPoolDown))
 _register("carafe", _simple("carafe", CARAFEUp))
 _register("indexnet", _simple("indexnet", IndexNetUp, IndexNetDown, choices={
     "index": ("holistic", "depthwise_o2o", "depthwise_m2o")}))
-_register("a2u", _simple("a2u", _A2UUp, _A2UDown))
+_register("a2u", _simple("a2u", layers.A2UUpsample, layers.A2UDownsample, choices={
+    "implementation": (None,) + tuple(ops.IMPLEMENTATIONS)}))
 _register("fade", _simple("fade", FADEUp, needs_guide=True))
 _register("sapa", _simple("sapa", SAPAUp, needs_guide=True))
 _register("dysample", _simple("dysample", DySampleUp, choices={"style": ("lp", "pl")}))

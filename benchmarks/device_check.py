@@ -183,7 +183,7 @@ def inference_rows(plan: Plan, deadline: float) -> list[dict]:
   a2u = jax.jit(models.a2u_matting().init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
   # The baseline is the A2U network without its four kernel generators.
   variables_of = {"A2U": a2u, "baseline": {
-      collection: {k: v for k, v in tree.items() if not k.startswith("gen")}
+      collection: {k: v for k, v in tree.items() if not k.startswith("down")}
       for collection, tree in a2u.items()}}
   for size in plan.inference_sizes:
     x = rng.normal(size=(1, size, size, 4)).astype(np.float32)

@@ -298,7 +298,7 @@ def main() -> None:
   state = random_state_dict()
   variables = convert.from_torch_state_dict(state)
   a2u, baseline = models.a2u_matting(), models.baseline_matting()
-  baseline_variables = {c: {k: v for k, v in tree.items() if not k.startswith("gen")}
+  baseline_variables = {c: {k: v for k, v in tree.items() if not k.startswith("down")}
                         for c, tree in variables.items()}
   print(f"# Network inference: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}, torch {torch.__version__ if torch else 'not installed'}")

@@ -69,9 +69,9 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
   config = a2u_matting.get_config()
   config.crop_size, config.batch_size = crop, size
   if variant == "unshare":
-    config.model.share = False
+    config.model.resampler_options.share = False
   elif variant == "baseline":
-    config.model.resampler = "baseline"
+    a2u_matting.use_resampler(config, "baseline")
   device = jax.devices()[0]
   runtime = parallel.DataParallel([device])
   model = state_lib.model_from_config(config, axis_name=parallel.AXIS)

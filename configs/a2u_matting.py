@@ -9,12 +9,28 @@
 import ml_collections
 from ml_collections import config_dict
 
+from a2u_jax import upsamplers
+
+MODEL_SET = ("dtype", "axis_name")  # given by the model, not by the config
+
+
+def use_resampler(config: ml_collections.ConfigDict, name: str) -> None:
+  """Sets config.model.resampler to `name` ("baseline" or an operator of
+  `a2u_jax.upsamplers`) and config.model.resampler_options to every option of that
+  operator with its default, so each can be overridden from the command line
+  (--config.model.resampler_options.share=False)."""
+  options = upsamplers.make_resampler("bilinear" if name == "baseline" else name).options
+  config.model.resampler = name
+  config.model.resampler_options = ml_collections.ConfigDict({
+      key: config_dict.placeholder(str) if value is None else value
+      for key, value in options.items() if key not in MODEL_SET})
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict(dict(
-      resampler="a2u", share=True, up_kernel_size=3, encode_kernel_size=6, rank=1,
-      groups=1, dropout_rate=0.5))
+  config.model = ml_collections.ConfigDict()
+  use_resampler(config, "a2u")
+  config.model.dropout_rate = 0.5
   # or "bfloat16"; "float64" with JAX_ENABLE_X64=1 (compute only; parameters stay float32)
   config.dtype = "float32"
   config.seed = 0

@@ -7,5 +7,5 @@ from configs import a2u_matting
 
 def get_config() -> ml_collections.ConfigDict:
   config = a2u_matting.get_config()
-  config.model.share = False
+  config.model.resampler_options.share = False
   return config

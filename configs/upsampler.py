@@ -16,10 +16,7 @@ line. "a2u" gives configs/a2u_matting.py.
 
 import ml_collections
 
-from a2u_jax import upsamplers
 from configs import a2u_matting
-
-MODEL_SET = ("dtype", "axis_name")  # given by the model, not by the config
 
 
 def get_config(argument: str = "carafe") -> ml_collections.ConfigDict:
@@ -31,9 +28,5 @@ def get_config(argument: str = "carafe") -> ml_collections.ConfigDict:
     config.data.source, config.data.pipeline = "synthetic", "numpy"
     config.data.options = ml_collections.ConfigDict(dict(
         num_foregrounds=8, num_backgrounds=16, min_size=320, max_size=640, seed=0))
-  config.model.resampler = name
-  if name != "a2u":
-    options = upsamplers.make_resampler(name).options
-    config.model.resampler_options = ml_collections.ConfigDict(
-        {key: value for key, value in options.items() if key not in MODEL_SET})
+  a2u_matting.use_resampler(config, name)
   return config

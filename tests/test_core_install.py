@@ -151,7 +151,7 @@ def test_a_fresh_core_virtualenv_runs_the_operator_and_predict(tmp_path):
 
   from a2u_jax import checkpointing, models
 
-  options = {"resampler": "a2u", "share": True}
+  options = {"resampler": "a2u", "resampler_options": {"share": True}}
   model = models.build_model(options)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
   checkpoint = checkpointing.save_model_checkpoint(tmp_path / "model", variables, options)

@@ -1,5 +1,7 @@
-"""The matting network: sizes, the authors' outputs, conversion, CLI, compilation."""
+"""The matting network: sizes, the authors' outputs, conversion, checkpoints and their
+migration, CLI, compilation."""
 
+import json
 
 import chex
 import jax
@@ -44,13 +46,13 @@ def test_converted_reference_reproduces_authors_output_and_intermediates(matting
   x = _nhwc(matting_reference["input_nchw"])
   out, state = jax.jit(lambda v, x: model.apply(
       v, x, train=False, mutable=["intermediates"],
-      capture_intermediates=lambda m, _: m.name in ("stem", "gen0", "aspp")))(variables, x)
+      capture_intermediates=lambda m, _: m.name in ("stem", "generator", "aspp")))(variables, x)
   captured = state["intermediates"]
 
   def rel_l2(a, b):
     return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
-  down, up = captured["gen0"]["__call__"][0]
+  down, up = captured["down0"]["generator"]["__call__"][0]
   checks = {
       "layer0": (captured["stem"]["__call__"][0], "intermediate/layer0"),
       "bilinear0 down": (down, "intermediate/bilinear0_down_kernels"),
@@ -66,7 +68,8 @@ def test_converted_reference_reproduces_authors_output_and_intermediates(matting
 
 def test_unshare_checkpoint_converts_and_runs():
   state = random_torch_state_dict("unshare")
-  assert convert.detect_model_config(state) == {"resampler": "a2u", "share": False}
+  assert convert.detect_model_config(state) == {"resampler": "a2u",
+                                                "resampler_options": {"share": False}}
   variables = convert.from_torch_state_dict({"state_dict": state})
   out = jax.jit(models.a2u_matting(share=False).apply)(variables, jnp.ones((1, 32, 48, 4)))
   chex.assert_shape(out, (1, 32, 48, 1))
@@ -116,6 +119,52 @@ def test_cli_round_trip_through_a_pth_file(tmp_path):
       jax.jit(models.a2u_matting().apply)(convert.from_torch_state_dict(state), x))
 
 
+def test_checkpoints_of_the_first_layout_load_and_give_the_same_output(tmp_path):
+  """Format 1 (before A2U went through make_resampler): A2U's options were model.json keys
+  of their own and its generators top-level variables gen0..gen3."""
+  state = random_torch_state_dict("unshare", seed=4)
+  variables = convert.from_torch_state_dict(state)
+  first_layout = {collection: {(f"gen{name[-1]}" if name.startswith("down") else name):
+                               (tree[name]["generator"] if name.startswith("down") else tree[name])
+                               for name in tree}
+                  for collection, tree in variables.items()}
+  assert {"gen0", "gen3", "stem"} <= set(first_layout["params"])
+  folder = checkpointing.save_model_checkpoint(tmp_path / "model", first_layout, {})
+  (folder / "model.json").write_text(json.dumps({
+      "resampler": "a2u", "share": False, "up_kernel_size": 3, "encode_kernel_size": 6,
+      "rank": 1, "groups": 1, "dropout_rate": 0.5}))
+  model, loaded = checkpointing.load_model_checkpoint(folder)
+  assert model == models.build_model({"resampler": "a2u", "dropout_rate": 0.5,
+                                      "resampler_options": {
+                                          "share": False, "up_kernel_size": 3,
+                                          "encode_kernel_size": 6, "rank": 1, "groups": 1}})
+  x = jnp.linspace(-1, 1, 32 * 32 * 4).reshape(1, 32, 32, 4)
+  np.testing.assert_array_equal(
+      jax.jit(model.apply)(loaded, x),
+      jax.jit(models.a2u_matting(share=False).apply)(variables, x))
+  # Saving it again writes the current format, which loads without migration.
+  again = checkpointing.save_model_checkpoint(tmp_path / "again", loaded,
+                                              {"resampler": "a2u",
+                                               **{"resampler_options": {"share": False}}})
+  assert json.loads((again / "model.json").read_text())["format_version"] == (
+      checkpointing.FORMAT_VERSION)
+  chex.assert_trees_all_equal(checkpointing.load_model_checkpoint(again)[1], loaded)
+
+
+def test_first_layout_migration_of_other_operators_and_unknown_versions(tmp_path):
+  config, migrated = checkpointing.migrate_from_version_1(
+      {"resampler": "indexnet", "resampler_options": {"index": "holistic"}},
+      {"params": {"gen0": {"index": 1}, "up0": {"w": 2}, "stem": {"w": 3}},
+       "batch_stats": {"gen3": {"bn": 4}}})
+  assert config == {"resampler": "indexnet", "resampler_options": {"index": "holistic"}}
+  assert migrated == {"params": {"down0": {"index": 1}, "up0": {"w": 2}, "stem": {"w": 3}},
+                      "batch_stats": {"down3": {"bn": 4}}}
+  folder = checkpointing.save_model_checkpoint(tmp_path / "model", {"params": {}}, {})
+  (folder / "model.json").write_text(json.dumps({"resampler": "a2u", "format_version": 9}))
+  with pytest.raises(ValueError, match="model.json: format_version 9 is not one this a2u-jax"):
+    checkpointing.load_model_checkpoint(folder)
+
+
 def test_cli_failure_leaves_nothing_behind(tmp_path):
   bad = tmp_path / "bad.npz"
   np.savez(bad, **{"state_dict/module.bilinear0.bconv_U.1.weight": np.zeros((1, 64, 1, 1))})
@@ -147,8 +196,8 @@ def test_torchvision_resnet34_initialises_the_encoder():
   np.testing.assert_array_equal(merged["batch_stats"]["layer2_1"]["proj"]["bn"]["mean"],
                                 tv["layer2.0.downsample.1.running_mean"])
   # The decoder and generators keep their initial values.
-  np.testing.assert_array_equal(merged["params"]["gen0"]["mix_up"]["kernel"],
-                                variables["params"]["gen0"]["mix_up"]["kernel"])
+  np.testing.assert_array_equal(merged["params"]["down0"]["generator"]["mix_up"]["kernel"],
+                                variables["params"]["down0"]["generator"]["mix_up"]["kernel"])
 
 
 def test_same_shape_compiles_once():
@@ -214,7 +263,8 @@ def test_bad_network_input(shape, message):
 @pytest.mark.parametrize("name,added", [
     ("fade", {"up0", "up1", "up2", "up3"}),        # upsampling only, guided
     ("dysample", {"up0", "up1", "up2", "up3"}),    # upsampling only
-    ("indexnet", {"gen0", "gen1", "gen2", "gen3"}),  # its own downsampling hands the index
+    ("indexnet", {"down0", "down1", "down2", "down3"}),  # its downsampling hands the index
+    ("a2u", {"down0", "down1", "down2", "down3"}),  # the paper's network: A2U's pairs
 ])
 def test_any_operator_of_the_family_drops_into_the_network(name, added):
   x = jax.ShapeDtypeStruct((1, 64, 96, 4), jnp.float32)

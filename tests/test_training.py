@@ -17,7 +17,7 @@ import pytest
 
 from a2u_jax import losses, parallel
 from a2u_jax.training import loop, state as state_lib, steps
-from configs import smoke
+from configs import a2u_matting, smoke
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CROP = 32
@@ -79,7 +79,7 @@ def test_learning_rate_groups_and_schedule():
     np.testing.assert_allclose(schedules["encoder"](step), new / 100, rtol=1e-6)
   assert state_lib.parameter_group(("layer2_1", "conv1")) == "encoder"
   assert state_lib.parameter_group(("stem", "conv")) == "encoder"
-  for name in ("gen0", "aspp", "skip3", "stage2", "head", "head_out"):
+  for name in ("down0", "aspp", "skip3", "stage2", "head", "head_out"):
     assert state_lib.parameter_group((name,)) == "new"
 
 
@@ -102,7 +102,7 @@ def single_device():
   gradients are checked against the authors' in test_reference.py."""
   with jax.enable_x64(True):
     config = _config(dtype="float64")
-    config.model.resampler = "baseline"
+    a2u_matting.use_resampler(config, "baseline")
     model = state_lib.model_from_config(config)
     state = state_lib.create_train_state(config, jax.random.PRNGKey(0), model)
     traces = []
@@ -218,6 +218,10 @@ def test_resampler_from_the_config_and_its_errors(tmp_path):
   config.model.resampler_options.kernel = 3
   with pytest.raises(ValueError, match="config.model.resampler_options: carafe: unknown"):
     loop.validate_config(config)
+  config = smoke.get_config()
+  config.model.resampler = "sapa"  # A2U's options left behind
+  with pytest.raises(ValueError, match="unknown option.*configs/upsampler.py:sapa lists them"):
+    loop.validate_config(config)
 
 
 def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
@@ -273,7 +277,7 @@ def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
 
   config = smoke.get_config()
   # The loop's wiring is under test, not the network: the baseline compiles in half the time.
-  config.model.resampler = "baseline"
+  a2u_matting.use_resampler(config, "baseline")
   config.crop_size, config.num_train_steps = CROP, 2
   config.checkpoint_every = config.eval_every = 1
   config.image_summary_every = 0

@@ -296,13 +296,18 @@ def test_fade_gate_extremes_and_uniform_kernels(lite):
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a2u_pair_is_the_a2u_layers():
+def test_a2u_pair_is_the_a2u_layers_with_the_chosen_options():
+  family = upsamplers.make_resampler("a2u", share=False, rank=2, up_kernel_size=5,
+                                     implementation="gather")
+  down, up = family.down(name="down0"), family.up()
+  assert isinstance(down, layers.A2UDownsample) and isinstance(up, layers.A2UUpsample)
+  assert (down.share, down.rank, down.up_kernel_size, down.implementation) == (
+      False, 2, 5, "gather")
+  assert (up.up_kernel_size, up.implementation) == (5, "gather")
   x = jax.random.normal(jax.random.key(8), (1, 8, 8, 32))
-  family = upsamplers.make_resampler("a2u")
-  down = family.down()
   variables = jax.jit(down.init)(jax.random.key(0), x)
-  y, kernels = jax.jit(down.apply)(variables, x)
-  direct = jax.jit(layers.A2UDownsample().apply)({"params": variables["params"]["a2u"]}, x)
-  np.testing.assert_array_equal(y, direct[0])
-  np.testing.assert_array_equal(family.up().apply({}, y, kernels),
-                                layers.A2UUpsample().apply({}, y, kernels))
+  y, kernels = jax.jit(down.apply)(variables, x, True)  # `train` changes nothing in A2U
+  np.testing.assert_array_equal(y, jax.jit(down.apply)(variables, x)[0])
+  chex.assert_shape(up.apply({}, y, kernels, None), x.shape)
+  with pytest.raises(ValueError, match="a2u: `implementation` must be one of None, 'slices'"):
+    upsamplers.make_resampler("a2u", implementation="loops")

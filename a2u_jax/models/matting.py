@@ -4,17 +4,19 @@ Input (N, H, W, 4): ImageNet-normalised RGB plus trimap/255; H, W multiples of 1
 Output (N, H, W, 1): raw alpha (clip to [0, 1] at inference).
 
     encoder                                   decoder
-    stem conv7x7+ABN ........ 1   ---skip0(input)-----------------> stage1 -> head
-    A2U down (gen0) ......... 1/2 ---skip1---------------> stage2
-    A2U down (gen1) ......... 1/4
-    layer1: 3 blocks 64 ..... 1/4 ---skip2------> stage3
-    layer2_1 (gen2) + 3 ..... 1/8 ---skip3--> stage4
-    layer3_1 (gen3) + 3 ..... 1/16 -> ASPP -> stage4
+    stem conv7x7+ABN ........ 1   ---skip0(input)-----------------> stage1 (up0) -> head
+    A2U down (down0) ........ 1/2 ---skip1---------------> stage2 (up1)
+    A2U down (down1) ........ 1/4
+    layer1: 3 blocks 64 ..... 1/4 ---skip2------> stage3 (up2)
+    layer2_1 (down2) + 3 .... 1/8 ---skip3--> stage4 (up3)
+    layer3_1 (down3) + 3 .... 1/16 -> ASPP -> stage4
 
 Every decoder stage upsamples 2x with the kernels its encoder level produced (A2U), adds
-the skip and applies two residual blocks. With `resampler="baseline"` the generators are
-removed (see `baseline_matting`). Any operator of `a2u_jax.upsamplers` can take A2U's place
-(`resampler="carafe"`, `"indexnet"`, `"fade"`, ...; see `MattingNet`).
+the skip and applies two residual blocks. The resampler is an operator of
+`a2u_jax.upsamplers` (`make_resampler`): A2U by default, or any other in its place
+(`resampler="carafe"`, `"indexnet"`, `"fade"`, ...; see `MattingNet`). With
+`resampler="baseline"` the network has no learned resampling (see `baseline_matting`).
+The authors' checkpoints name the A2U modules differently; `a2u_jax.convert` maps them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from a2u_jax import layers, ops, upsamplers
+from a2u_jax import upsamplers
 from a2u_jax.models.blocks import ASPP, ConvABN, ResidualBlock, ResidualStage, conv
 from data_pipeline.files import NETWORK_STRIDE
 
@@ -44,9 +46,9 @@ class MattingNet(nn.Module):
       encoder downsamplings as A2U does and hand their context to the paired decoder
       stage; upsampling-only operators keep the baseline's encoder. FADE and SAPA are
       guided by the encoder feature at the output resolution (stem, 1/2, layer1, layer2).
-    resampler_options: options of that operator (`upsamplers.make_resampler`), a mapping;
-      A2U's own options are the next five attributes.
-    share, up_kernel_size, encode_kernel_size, rank, groups: A2U generator options.
+    resampler_options: options of that operator (`upsamplers.make_resampler`), a mapping
+      (None: its defaults). For A2U: share, up_kernel_size, encode_kernel_size, rank,
+      groups, norm_groups, implementation.
     axis_name: device axis for synchronised batch statistics under pmap/shard_map.
     dtype: computation dtype (None: float32); parameters are float32. bfloat16 computes
       the layers in bfloat16 (batch statistics and the output in float32); float64 (with
@@ -56,26 +58,14 @@ class MattingNet(nn.Module):
 
   resampler: str = "a2u"
   resampler_options: Any = None
-  share: bool = True
-  up_kernel_size: int = 3
-  encode_kernel_size: int = 6
-  rank: int = 1
-  groups: int = 1
   axis_name: str | None = None
   dtype: Dtype | None = None
   dropout_rate: float = 0.5
 
-  def _generator(self, name: str) -> layers.A2UKernelGenerator:
-    return layers.A2UKernelGenerator(
-        up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
-        rank=self.rank, groups=self.groups, share=self.share, dtype=self.dtype, name=name)
-
-  def family(self) -> upsamplers.Resampler | None:
+  def family(self) -> upsamplers.Resampler:
     """The `a2u_jax.upsamplers` operator this network resamples with ("baseline" is
-    "bilinear"), or None for A2U, which keeps the authors' parameter layout (gen0..gen3)
-    so that their checkpoints convert to it. Raises ValueError for bad options."""
-    if self.resampler == "a2u":
-      return None
+    "bilinear"), with `resampler_options` and the network's dtype and axis_name. Raises
+    ValueError for bad options."""
     name = "bilinear" if self.resampler == "baseline" else self.resampler
     options = dict(self.resampler_options or {})
     accepted = upsamplers.make_resampler(name).options
@@ -84,31 +74,14 @@ class MattingNet(nn.Module):
         options[key] = getattr(self, key)
     return upsamplers.make_resampler(name, **options)
 
-  def _down(self, name: str, train: bool):
+  @staticmethod
+  def _down(family: upsamplers.Resampler, level: int, train: bool):
     """Returns f(x) -> (x downsampled 2x, context for the paired upsampling), or None
     where the baseline's strided downsampling stays (upsampling-only operators)."""
-    family = self.family()
-    if family is not None:
-      if not family.paired:
-        return None
-      module = family.down(name=name)
-      return lambda x: module(x, train)
-    generator = self._generator(name)
-
-    def down(x):
-      down_kernels, up_kernels = generator(x)
-      y = ops.reassemble_down(x, down_kernels.astype(x.dtype),
-                              kernel_size=2 * self.up_kernel_size, groups=self.groups)
-      return y, up_kernels
-
-    return down
-
-  def _up(self, x: jax.Array, context, guide: jax.Array, level: str) -> jax.Array:
-    family = self.family()
-    if family is not None:
-      return family.up(name=f"up{level}")(x, context, guide)
-    return ops.reassemble_up(x, context.astype(x.dtype), kernel_size=self.up_kernel_size,
-                             groups=self.groups)
+    if not family.paired:
+      return None
+    module = family.down(name=f"down{level}")
+    return lambda x: module(x, train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -122,6 +95,7 @@ class MattingNet(nn.Module):
       raise ValueError(f"MattingNet: input height and width must be multiples of "
                        f"{NETWORK_STRIDE}, got "
                        f"{x.shape[1]} x {x.shape[2]} (pad with reflection and crop back).")
+    family = self.family()
     kw = dict(axis_name=self.axis_name, dtype=self.dtype)
     inputs = x.astype(self.dtype or jnp.float32)
 
@@ -130,8 +104,8 @@ class MattingNet(nn.Module):
       return x[:, ::2, ::2], None
 
     stem = ConvABN(64, 7, name="stem", **kw)(inputs, train)
-    half, up0 = (self._down("gen0", train) or subsample)(stem)
-    quarter, up1 = (self._down("gen1", train) or subsample)(half)
+    half, up0 = (self._down(family, 0, train) or subsample)(stem)
+    quarter, up1 = (self._down(family, 1, train) or subsample)(half)
     l1 = ResidualStage((64, 64, 64), name="layer1", **kw)(quarter, train)
 
     def strided_block(features, name, x, down):
@@ -140,9 +114,9 @@ class MattingNet(nn.Module):
         return block(x, train), None
       return block(x, train, resample=down)
 
-    l2, up2 = strided_block(128, "layer2_1", l1, self._down("gen2", train))
+    l2, up2 = strided_block(128, "layer2_1", l1, self._down(family, 2, train))
     l2 = ResidualStage((128,) * 3, name="layer2_2", **kw)(l2, train)
-    l3, up3 = strided_block(256, "layer3_1", l2, self._down("gen3", train))
+    l3, up3 = strided_block(256, "layer3_1", l2, self._down(family, 3, train))
     l3 = ResidualStage((256,) * 3, name="layer3_2", **kw)(l3, train)
     context = ASPP(256, dropout_rate=self.dropout_rate, name="aspp", **kw)(l3, train)
 
@@ -153,7 +127,7 @@ class MattingNet(nn.Module):
     y = context
     for up_context, skip_source, guide, skip_width, width, level in stages:
       skip = ConvABN(skip_width, 3, name=f"skip{level}", **kw)(skip_source, train)
-      y = self._up(y, up_context, guide, level) + skip
+      y = family.up(name=f"up{level}")(y, up_context, guide) + skip
       y = ResidualStage((width, width), name=f"stage{int(level) + 1}", **kw)(y, train)
 
     y = ConvABN(1, 3, name="head", **kw)(y, train)
@@ -164,11 +138,15 @@ class MattingNet(nn.Module):
 def a2u_matting(share: bool = True, **overrides) -> MattingNet:
   """The authors' A2U matting network (adobe.yaml); `share=False` gives "unshare".
 
-  `overrides` are `MattingNet` attributes: up_kernel_size, encode_kernel_size, rank,
-  groups, axis_name, dtype. Call as ``module.apply(variables, x, train=False)``;
-  with ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
+  `overrides` are A2U options (up_kernel_size, encode_kernel_size, rank, groups,
+  norm_groups, implementation) or `MattingNet` attributes (axis_name, dtype,
+  dropout_rate). Call as ``module.apply(variables, x, train=False)``; with
+  ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
   """
-  return MattingNet(resampler="a2u", share=share, **overrides)
+  network_fields = {"axis_name", "dtype", "dropout_rate"}
+  options = {"share": share, **{k: v for k, v in overrides.items() if k not in network_fields}}
+  return MattingNet(resampler="a2u", resampler_options=flax.core.FrozenDict(options),
+                    **{k: v for k, v in overrides.items() if k in network_fields})
 
 
 def baseline_matting(**overrides) -> MattingNet:

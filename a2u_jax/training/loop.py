@@ -130,7 +130,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   try:
     state_lib.model_from_config(config).family()
   except ValueError as error:
-    raise ValueError(f"config.model.resampler_options: {error}") from None
+    hint = ""
+    if "unknown option" in str(error):  # e.g. --config.model.resampler changed alone
+      hint = (f" (the options must be {config.model.resampler!r}'s: configs/upsampler.py:"
+              f"{config.model.resampler} lists them with their defaults)")
+    raise ValueError(f"config.model.resampler_options: {error}{hint}") from None
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
   if config.data.pipeline not in PIPELINES:

@@ -40,23 +40,15 @@ def model_from_config(config: ml_collections.ConfigDict, axis_name: str | None =
       {**model_options(config), "axis_name": axis_name, "dtype": dtype})
 
 
-A2U_OPTIONS = ("share", "up_kernel_size", "encode_kernel_size", "rank", "groups")
-
-
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The model.json options of a model checkpoint made from this config: the resampler,
-  its options (A2U's as attributes, another operator's as `resampler_options`) and the
-  dropout rate."""
+  its options and the dropout rate."""
   model = config.model.to_dict()
-  resampler = model.pop("resampler")
-  extra = model.pop("resampler_options", None) or {}
-  options = {"resampler": resampler}
+  options = {"resampler": model["resampler"]}
+  if model.get("resampler_options"):
+    options["resampler_options"] = dict(model["resampler_options"])
   if "dropout_rate" in model:
     options["dropout_rate"] = model["dropout_rate"]
-  if resampler == "a2u":
-    options.update({key: model[key] for key in A2U_OPTIONS if key in model})
-  elif extra:
-    options["resampler_options"] = dict(extra)
   return options
 
 
