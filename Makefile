@@ -16,10 +16,13 @@ demo: $(VENV)/.installed
 	$(PY) train.py --config configs/smoke.py --workdir demo_out/run
 	$(PY) -m a2u_jax.demo --checkpoint demo_out/run/model --out demo_out
 
+# One pytest worker per core (at most 4); a test file stays on one worker, so its
+# module-scoped compiled fixtures are built once.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" --durations=12
+	$(PY) -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile --durations=12
 
-# Everything, the slow tests included (what CI runs).
+# Everything, the slow tests included (what CI runs). One process: the multi-process and
+# resume tests time their own child processes.
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=20
 

@@ -8,7 +8,7 @@ attributes, plus "format_version").
 Format versions:
   1  (no "format_version") A2U's options were top-level keys and its four generators were
      variables "gen0".."gen3"; the down modules of other operators were "gen0".."gen3".
-  2  every operator goes through `a2u_jax.upsamplers.make_resampler`: its options are under
+  2  every operator goes through `a2u_jax.resamplers.make_resampler`: its options are under
      "resampler_options" and its down modules are "down0".."down3" (A2U's generator inside
      them as "generator").
 Older checkpoints are migrated when they are loaded; the folder itself is left as it is.

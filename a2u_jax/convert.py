@@ -5,7 +5,7 @@
 Official keys (see tests/data/reference/official_checkpoint_keys_*.json) map one to one
 onto `a2u_jax.models.a2u_matting`: conv weights OIHW -> HWIO, 1x1 generator convs -> Dense
 kernels, InPlaceABN weight/bias -> params scale/bias and running_mean/var -> batch_stats.
-The names differ where the network goes through the operator family: the authors' kernel
+The names differ where the network goes through the resampler family: the authors' kernel
 generators "bilinear0", "bilinear1", "layer2_1.bilinear" and "layer3_1.bilinear" are our
 A2U down modules "down0".."down3" (each an `a2u_jax.layers.A2UDownsample`, whose
 generator is "generator"), and their "bconv_U/V/UP/DP", "bnu", "bnv" are "encode_u/v",

@@ -134,14 +134,14 @@ class A2UKernelGenerator(nn.Module):
 class A2UDownsample(nn.Module):
   """2x downsampling with A2U kernels; also returns the paired upsampling kernels.
 
-  It is the down module of `a2u_jax.upsamplers.make_resampler("a2u")`, whose options are
+  It is the down module of `a2u_jax.resamplers.make_resampler("a2u")`, whose options are
   these attributes.
 
   Attributes: as `A2UKernelGenerator`, plus `implementation` of the reassembly.
 
   Call:
     x: (N, H, W, C) float array, H and W even, C divisible by `norm_groups` and `groups`.
-    train: accepted for the operator family's `down(x, train)` call; A2U has no batch
+    train: accepted for the resampler family's `down(x, train)` call; A2U has no batch
       statistics or dropout, so it computes the same either way.
 
   Returns:
@@ -174,7 +174,7 @@ class A2UDownsample(nn.Module):
 
 class A2UUpsample(nn.Module):
   """2x upsampling with the kernels an `A2UDownsample` produced (no parameters); the up
-  module of `a2u_jax.upsamplers.make_resampler("a2u")`.
+  module of `a2u_jax.resamplers.make_resampler("a2u")`.
 
   Attributes:
     up_kernel_size: s, as given to the paired `A2UDownsample`.
@@ -184,7 +184,7 @@ class A2UUpsample(nn.Module):
   Call:
     x: (N, h, w, C) float array, C divisible by `groups`.
     up_kernels: (N, 2h, 2w, groups*s**2) from the paired `A2UDownsample`.
-    guide: accepted for the operator family's `up(x, context, guide)` call; unused.
+    guide: accepted for the resampler family's `up(x, context, guide)` call; unused.
 
   Returns:
     (N, 2h, 2w, C) array in x's dtype.

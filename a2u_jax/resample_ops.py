@@ -1,4 +1,4 @@
-"""Functional 2x resampling ops of the upsampler family (NHWC, jit/vmap/grad-safe).
+"""Functional 2x resampling ops of the resampler family (NHWC, jit/vmap/grad-safe).
 
 The kernel-based operators (CARAFE, FADE, SAPA, A2U) reassemble with
 `a2u_jax.ops.reassemble_up`; this module holds what they and the simpler operators need

@@ -5,7 +5,7 @@
         [--learning-rate LR] [--out reconstruction_out]
 
 An encoder-decoder is trained to reproduce its input, once per operator of
-`a2u_jax.upsamplers`; everything else (data, seed, schedule, the shared layers'
+`a2u_jax.resamplers`; everything else (data, seed, schedule, the shared layers'
 initialisation) is the same for every row. Operators with their own downsampling
 (max_unpool, indexnet, a2u, pixel_shuffle) use it and hand its context to the decoder; the
 others downsample with a stride-2 3x3 conv ("Conv/2"). FADE and SAPA are guided by the
@@ -63,7 +63,7 @@ import optax
 from flax import traverse_util
 from PIL import Image
 
-from a2u_jax import predict, upsamplers
+from a2u_jax import predict, resamplers
 from configs import reconstruction as reconstruction_config
 
 
@@ -146,7 +146,7 @@ class ReconstructionNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    family = upsamplers.make_resampler(self.resampler)
+    family = resamplers.make_resampler(self.resampler)
     conv = lambda name: nn.Conv(self.width, (3, 3), name=name)  # noqa: E731
     y = nn.relu(conv("in")(x))
     guides, contexts = [], []
@@ -183,7 +183,7 @@ class RecoverNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    family = upsamplers.make_resampler(self.resampler)
+    family = resamplers.make_resampler(self.resampler)
 
     def stage(y, features, name, strides=1):
       y = nn.Conv(features, (3, 3), strides=strides, padding=((1, 1), (1, 1)),
@@ -416,7 +416,7 @@ def _row(name, params, start_scores, end_scores, best, step_ms, history) -> dict
              for (kind, taps, level), (end, uniform) in sorted(
                  end_scores["sharpness"].items(), key=lambda item: (item[0][0] != "up",
                                                                     item[0][2]))]
-  row = {"operator": name, "parameters": upsamplers.parameter_count(params),
+  row = {"operator": name, "parameters": resamplers.parameter_count(params),
          "last": _metrics(end_scores), "step_ms": step_ms, "kernels": kernels,
          "examples": end_scores["examples"]}
   if best is not None:
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="quick: small network, Adam, CPU minutes (default); paper: "
                            "IndexNet's RecoverNet protocol")
   parser.add_argument("--full", action="store_true", help="the same as --protocol paper")
-  parser.add_argument("--operators", nargs="+", choices=upsamplers.RESAMPLERS)
+  parser.add_argument("--operators", nargs="+", choices=resamplers.RESAMPLERS)
   parser.add_argument("--steps", type=int, help="training steps per operator (quick)")
   parser.add_argument("--epochs", type=int, help="epochs per operator (paper; 100)")
   parser.add_argument("--fashion-mnist", type=pathlib.Path, help="folder of the IDX files")

@@ -9,17 +9,17 @@
 import ml_collections
 from ml_collections import config_dict
 
-from a2u_jax import upsamplers
+from a2u_jax import resamplers
 
 MODEL_SET = ("dtype", "axis_name")  # given by the model, not by the config
 
 
 def use_resampler(config: ml_collections.ConfigDict, name: str) -> None:
   """Sets config.model.resampler to `name` ("baseline" or an operator of
-  `a2u_jax.upsamplers`) and config.model.resampler_options to every option of that
+  `a2u_jax.resamplers`) and config.model.resampler_options to every option of that
   operator with its default, so each can be overridden from the command line
   (--config.model.resampler_options.share=False)."""
-  options = upsamplers.make_resampler("bilinear" if name == "baseline" else name).options
+  options = resamplers.make_resampler("bilinear" if name == "baseline" else name).options
   config.model.resampler = name
   config.model.resampler_options = ml_collections.ConfigDict({
       key: config_dict.placeholder(str) if value is None else value

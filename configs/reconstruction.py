@@ -1,6 +1,6 @@
 """The image-reconstruction experiment of IndexNet / A2U (benchmarks/reconstruction.py).
 
-Two protocols, one network per operator of `a2u_jax.upsamplers`, trained to reproduce
+Two protocols, one network per operator of `a2u_jax.resamplers`, trained to reproduce
 its input:
 
 * "quick" (the default): a small encoder-decoder (width 32, two 2x resamplings) on the
@@ -15,7 +15,7 @@ its input:
 
 import ml_collections
 
-from a2u_jax import upsamplers
+from a2u_jax import resamplers
 
 PROTOCOLS = ("quick", "paper")
 
@@ -25,7 +25,7 @@ def get_config(protocol: str = "quick") -> ml_collections.ConfigDict:
     raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
   config = ml_collections.ConfigDict()
   config.protocol = protocol
-  config.operators = upsamplers.RESAMPLERS
+  config.operators = resamplers.RESAMPLERS
   config.image_size = 32       # Fashion-MNIST's 28x28 is resized (bilinear) to 32x32
   config.data = "synthetic"    # or "fashion_mnist" (needs fashion_mnist_dir)
   config.fashion_mnist_dir = ""

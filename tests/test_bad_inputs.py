@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from a2u_jax import evaluate, ops, predict, upsamplers
+from a2u_jax import evaluate, ops, predict, resamplers
 from data_pipeline import files
 from data_pipeline.files import SourceError
 
@@ -190,12 +190,12 @@ def test_reassembly_refuses_empty_maps():
 ])
 def test_operator_options_are_checked_when_the_operator_is_made(name, options, message):
   with pytest.raises(ValueError, match=message):
-    upsamplers.make_resampler(name, **options)
+    resamplers.make_resampler(name, **options)
 
 
 def test_every_operator_accepts_its_defaults():
-  for name in upsamplers.RESAMPLERS:
-    assert upsamplers.make_resampler(name).name == name
+  for name in resamplers.RESAMPLERS:
+    assert resamplers.make_resampler(name).name == name
 
 
 # ------------------------------------------------------------------------- train.py
@@ -209,10 +209,10 @@ def test_every_operator_accepts_its_defaults():
     (["--config.num_train_steps=-5"], "config.num_train_steps must be >= 0, or -1"),
     (["--config.batch_size=abc"], "--config.batch_size=abc"),
     (["--config", "configs/missing.py"], "--config: [Errno 2] No such file"),
-    (["--config", "configs/upsampler.py:carafe", "--config.data.source=synthetic"],
+    (["--config", "configs/resampler.py:carafe", "--config.data.source=synthetic"],
      "data source 'synthetic' does not take background_dir, root"),
     (["--config.validation.source=nope"], "config.validation.source must be one of"),
-    (["--config", "configs/upsampler.py:carafe,synthetic",
+    (["--config", "configs/resampler.py:carafe,synthetic",
       "--config.model.resampler_options.groups=0"], "`groups` must be a positive integer"),
 ])
 def test_train_config_errors_are_one_line(args, message, tmp_path):

@@ -50,7 +50,7 @@ def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
       import json, sys
       import jax, jax.numpy as jnp, numpy as np
       from a2u_jax import (checkpointing, convert, evaluate, inputs, layers, losses,
-                           metrics, models, ops, predict, upsamplers)
+                           metrics, models, ops, predict, resamplers)
       from a2u_jax.training import loop, state, steps
       import data_pipeline
       from data_pipeline import evaluation, synthetic_stream, trimaps

@@ -100,7 +100,7 @@ def test_group_layout_agrees_between_generator_and_reassembly():
 def test_down_up_layers_round_trip_shapes_and_dtypes(dtype):
   x = jax.random.normal(jax.random.key(5), (2, 16, 12, 32)).astype(dtype)
   down_layer = layers.A2UDownsample()
-  variables = down_layer.init(jax.random.key(6), x)
+  variables = jax.jit(down_layer.init)(jax.random.key(6), x)
   y, up_kernels = jax.jit(down_layer.apply)(variables, x)
   chex.assert_shape(y, (2, 8, 6, 32))
   chex.assert_shape(up_kernels, (2, 16, 12, 9))

@@ -196,9 +196,9 @@ def test_bad_config_values_name_the_field(override, message):
 
 def test_resampler_from_the_config_and_its_errors(tmp_path):
   from a2u_jax import models
-  from configs import upsampler
+  from configs import resampler
 
-  config = upsampler.get_config("indexnet")
+  config = resampler.get_config("indexnet")
   config.model.resampler_options.index = "holistic"
   model = state_lib.model_from_config(config)
   assert (model.resampler, dict(model.resampler_options)) == (
@@ -214,13 +214,13 @@ def test_resampler_from_the_config_and_its_errors(tmp_path):
   config.model.resampler = "bicubic"
   with pytest.raises(ValueError, match="config.model.resampler must be one of baseline, "):
     loop.validate_config(config)
-  config = upsampler.get_config("carafe")
+  config = resampler.get_config("carafe")
   config.model.resampler_options.kernel = 3
   with pytest.raises(ValueError, match="config.model.resampler_options: carafe: unknown"):
     loop.validate_config(config)
   config = smoke.get_config()
   config.model.resampler = "sapa"  # A2U's options left behind
-  with pytest.raises(ValueError, match="unknown option.*configs/upsampler.py:sapa lists them"):
+  with pytest.raises(ValueError, match="unknown option.*configs/resampler.py:sapa lists them"):
     loop.validate_config(config)
 
 
@@ -242,16 +242,16 @@ def _every_config():
   """(label, config) for every file in configs/ that train.py takes, with its variants."""
   import importlib
 
-  from a2u_jax import upsamplers
+  from a2u_jax import resamplers
 
   names = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                  if p.stem not in ("__init__", "reconstruction"))
   for name in names:
     module = importlib.import_module(f"configs.{name}")
-    if name == "upsampler":
-      for operator in upsamplers.RESAMPLERS:
-        yield f"upsampler:{operator}", module.get_config(operator)
-      yield "upsampler:carafe,synthetic", module.get_config("carafe,synthetic")
+    if name == "resampler":
+      for operator in resamplers.RESAMPLERS:
+        yield f"resampler:{operator}", module.get_config(operator)
+      yield "resampler:carafe,synthetic", module.get_config("carafe,synthetic")
     else:
       yield name, module.get_config()
 
@@ -266,7 +266,7 @@ def test_every_config_file_loads_and_validates(tmp_path):
     loop.validate_config(config)
     assert loop.num_train_steps(config) > 0, label
     labels.append(label)
-  assert {"a2u_matting", "baseline", "smoke", "unshare", "upsampler:carafe"} <= set(labels)
+  assert {"a2u_matting", "baseline", "smoke", "unshare", "resampler:carafe"} <= set(labels)
   # The reconstruction experiment's config is benchmarks/reconstruction.py's, not train.py's.
   from configs import reconstruction
   assert reconstruction.get_config().image_size == 32

@@ -13,7 +13,7 @@ Output (N, H, W, 1): raw alpha (clip to [0, 1] at inference).
 
 Every decoder stage upsamples 2x with the kernels its encoder level produced (A2U), adds
 the skip and applies two residual blocks. The resampler is an operator of
-`a2u_jax.upsamplers` (`make_resampler`): A2U by default, or any other in its place
+`a2u_jax.resamplers` (`make_resampler`): A2U by default, or any other in its place
 (`resampler="carafe"`, `"indexnet"`, `"fade"`, ...; see `MattingNet`). With
 `resampler="baseline"` the network has no learned resampling (see `baseline_matting`).
 The authors' checkpoints name the A2U modules differently; `a2u_jax.convert` maps them.
@@ -28,12 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from a2u_jax import upsamplers
+from a2u_jax import resamplers
 from a2u_jax.models.blocks import ASPP, ConvABN, ResidualBlock, ResidualStage, conv
 from data_pipeline.files import NETWORK_STRIDE
 
 Dtype = Any
-RESAMPLERS = ("baseline",) + upsamplers.RESAMPLERS
+RESAMPLERS = ("baseline",) + resamplers.RESAMPLERS
 
 
 class MattingNet(nn.Module):
@@ -41,12 +41,12 @@ class MattingNet(nn.Module):
 
   Attributes:
     resampler: "a2u" (the paper's model), "baseline" (stride-2 / bilinear; "bilinear" is
-      the same network) or another name of `a2u_jax.upsamplers.RESAMPLERS`. Operators with
+      the same network) or another name of `a2u_jax.resamplers.RESAMPLERS`. Operators with
       their own downsampling (max_unpool, indexnet, pixel_shuffle) replace the four
       encoder downsamplings as A2U does and hand their context to the paired decoder
       stage; upsampling-only operators keep the baseline's encoder. FADE and SAPA are
       guided by the encoder feature at the output resolution (stem, 1/2, layer1, layer2).
-    resampler_options: options of that operator (`upsamplers.make_resampler`), a mapping
+    resampler_options: options of that operator (`resamplers.make_resampler`), a mapping
       (None: its defaults). For A2U: share, up_kernel_size, encode_kernel_size, rank,
       groups, norm_groups, implementation.
     axis_name: device axis for synchronised batch statistics under pmap/shard_map.
@@ -62,20 +62,20 @@ class MattingNet(nn.Module):
   dtype: Dtype | None = None
   dropout_rate: float = 0.5
 
-  def family(self) -> upsamplers.Resampler:
-    """The `a2u_jax.upsamplers` operator this network resamples with ("baseline" is
+  def family(self) -> resamplers.Resampler:
+    """The `a2u_jax.resamplers` operator this network resamples with ("baseline" is
     "bilinear"), with `resampler_options` and the network's dtype and axis_name. Raises
     ValueError for bad options."""
     name = "bilinear" if self.resampler == "baseline" else self.resampler
     options = dict(self.resampler_options or {})
-    accepted = upsamplers.make_resampler(name).options
+    accepted = resamplers.make_resampler(name).options
     for key in ("dtype", "axis_name"):
       if key in accepted:
         options[key] = getattr(self, key)
-    return upsamplers.make_resampler(name, **options)
+    return resamplers.make_resampler(name, **options)
 
   @staticmethod
-  def _down(family: upsamplers.Resampler, level: int, train: bool):
+  def _down(family: resamplers.Resampler, level: int, train: bool):
     """Returns f(x) -> (x downsampled 2x, context for the paired upsampling), or None
     where the baseline's strided downsampling stays (upsampling-only operators)."""
     if not family.paired:

@@ -132,7 +132,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as error:
     hint = ""
     if "unknown option" in str(error):  # e.g. --config.model.resampler changed alone
-      hint = (f" (the options must be {config.model.resampler!r}'s: configs/upsampler.py:"
+      hint = (f" (the options must be {config.model.resampler!r}'s: configs/resampler.py:"
               f"{config.model.resampler} lists them with their defaults)")
     raise ValueError(f"config.model.resampler_options: {error}{hint}") from None
   if not config.learning_rate > 0:
@@ -152,7 +152,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.data.options: data source {config.data.source!r} does not take "
         f"{', '.join(foreign)} (it takes {', '.join(accepted)}); these are another "
         f"source's options: start from a config made for this source (for synthetic data "
-        f"configs/smoke.py, or configs/upsampler.py:NAME,synthetic for an operator)")
+        f"configs/smoke.py, or configs/resampler.py:NAME,synthetic for an operator)")
   for key, value in config.data.options.items():
     if value is None:
       raise ValueError(f"config.data.options.{key} must be set for data source "

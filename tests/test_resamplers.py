@@ -1,4 +1,4 @@
-"""The upsampler family: every registered operator through one interface, and each one
+"""The resampler family: every registered operator through one interface, and each one
 against an independent formulation of its published definition."""
 
 import chex
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from a2u_jax import layers, ops, upsamplers
+from a2u_jax import layers, ops, resamplers
 from a2u_jax import resample_ops as rops
 
 
@@ -27,7 +27,7 @@ class PairNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    family = upsamplers.make_resampler(self.resampler)
+    family = resamplers.make_resampler(self.resampler)
     down = family.down(name="down")
     if down is None:
       y, context = nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), name="conv_down")(x), None
@@ -36,7 +36,7 @@ class PairNet(nn.Module):
     return family.up(name="up")(y, context, x)
 
 
-@pytest.mark.parametrize("name", upsamplers.RESAMPLERS)
+@pytest.mark.parametrize("name", resamplers.RESAMPLERS)
 def test_every_operator_round_trips_with_finite_gradients_under_jit_and_vmap(name):
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 32))
   net = PairNet(name)
@@ -64,16 +64,16 @@ def test_every_operator_round_trips_with_finite_gradients_under_jit_and_vmap(nam
 
 
 def test_registry_lists_the_issue_operators_and_rejects_bad_names_and_options():
-  assert set(upsamplers.RESAMPLERS) == {
+  assert set(resamplers.RESAMPLERS) == {
       "nearest", "bilinear", "deconv", "pixel_shuffle", "max_unpool", "carafe", "indexnet",
       "a2u", "fade", "sapa", "dysample"}
-  paired = {n for n in upsamplers.RESAMPLERS if upsamplers.make_resampler(n).paired}
+  paired = {n for n in resamplers.RESAMPLERS if resamplers.make_resampler(n).paired}
   assert paired == {"pixel_shuffle", "max_unpool", "indexnet", "a2u"}
   with pytest.raises(ValueError, match="unknown resampler 'bicubic'"):
-    upsamplers.make_resampler("bicubic")
+    resamplers.make_resampler("bicubic")
   with pytest.raises(ValueError, match="carafe: unknown option\\(s\\) kernel"):
-    upsamplers.make_resampler("carafe", kernel=3)
-  assert upsamplers.make_resampler("a2u", share=False).options["share"] is False
+    resamplers.make_resampler("carafe", kernel=3)
+  assert resamplers.make_resampler("a2u", share=False).options["share"] is False
 
 
 @pytest.mark.parametrize("name,message", [("fade", "needs `guide`"), ("sapa", "needs `guide`"),
@@ -81,7 +81,7 @@ def test_registry_lists_the_issue_operators_and_rejects_bad_names_and_options():
                                           ("indexnet", "needs the index map"),
                                           ("a2u", "needs the up kernels")])
 def test_missing_guide_or_context_is_a_clear_error(name, message):
-  up = upsamplers.make_resampler(name).up()
+  up = resamplers.make_resampler(name).up()
   with pytest.raises(ValueError, match=message):
     up.init(jax.random.key(0), jnp.ones((1, 4, 4, 32)))
 
@@ -121,7 +121,7 @@ def _reassemble_loop(x, kernel_at, k):
 def test_carafe_matches_a_loop_of_its_definition():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 5, 6, 8)).astype(np.float32)
-  up = upsamplers.CARAFEUp(compressed_channels=4)
+  up = resamplers.CARAFEUp(compressed_channels=4)
   params = up.init(jax.random.key(0), x)["params"]
   params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32) * 0.3,
                         params)
@@ -141,7 +141,7 @@ def test_sapa_matches_a_loop_with_zero_logits_outside_the_map():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(1, 3, 4, 6)).astype(np.float32)
   guide = rng.normal(size=(1, 6, 8, 5)).astype(np.float32)
-  up = upsamplers.SAPAUp(embedding_dim=7)
+  up = resamplers.SAPAUp(embedding_dim=7)
   params = up.init(jax.random.key(0), x, None, guide)["params"]
   params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32) * 0.3,
                         params)
@@ -184,7 +184,7 @@ def test_dysample_matches_grid_sample_with_border_padding(style):
   rng = np.random.default_rng(2)
   groups = 2
   x = rng.normal(size=(1, 4, 5, 8)).astype(np.float32)
-  up = upsamplers.DySampleUp(groups=groups, style=style)
+  up = resamplers.DySampleUp(groups=groups, style=style)
   params = up.init(jax.random.key(0), x)["params"]
   params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 2, params)
   ours = np.asarray(up.apply({"params": params}, x))
@@ -214,7 +214,7 @@ def test_dysample_matches_grid_sample_with_border_padding(style):
 
 def test_dysample_with_zero_offsets_is_bilinear_upsampling():
   x = jax.random.normal(jax.random.key(3), (2, 5, 7, 8))
-  up = upsamplers.DySampleUp(groups=4)
+  up = resamplers.DySampleUp(groups=4)
   params = jax.tree.map(jnp.zeros_like, up.init(jax.random.key(0), x)["params"])
   np.testing.assert_allclose(up.apply({"params": params}, x), rops.bilinear_up(x), atol=1e-5)
 
@@ -252,12 +252,12 @@ def test_space_to_depth_inverts_pixel_shuffle():
 def test_indexnet_with_zero_index_weights_is_average_pooling_and_half_nearest():
   x = jax.random.normal(jax.random.key(6), (1, 4, 6, 8))
   for index in ("holistic", "depthwise_o2o", "depthwise_m2o"):
-    down = upsamplers.IndexNetDown(index=index, nonlinear=False, context=False)
+    down = resamplers.IndexNetDown(index=index, nonlinear=False, context=False)
     params = jax.tree.map(jnp.zeros_like, down.init(jax.random.key(0), x)["params"])
     pooled, decoder_index = down.apply({"params": params}, x)
     mean = x.reshape(1, 2, 2, 3, 2, 8).mean(axis=(2, 4))
     np.testing.assert_allclose(pooled, mean, atol=1e-6)
-    np.testing.assert_allclose(upsamplers.IndexNetUp().apply({}, pooled, decoder_index),
+    np.testing.assert_allclose(resamplers.IndexNetUp().apply({}, pooled, decoder_index),
                                0.5 * rops.nearest_up(pooled), atol=1e-6)
 
 
@@ -265,7 +265,7 @@ def test_indexnet_index_positions_follow_pixel_shuffle_order():
   # A holistic index conv that only looks at the window's bottom-right pixel for position 3:
   # where that pixel is large, the encoder index puts (almost) all weight on position 3.
   x = jnp.zeros((1, 2, 2, 1)).at[0, 1, 1, 0].set(50.0)
-  down = upsamplers.IndexNetDown(index="holistic", nonlinear=False, context=False)
+  down = resamplers.IndexNetDown(index="holistic", nonlinear=False, context=False)
   kernel = jnp.zeros((2, 2, 1, 4)).at[1, 1, 0, 3].set(1.0)
   pooled, decoder_index = down.apply({"params": {"index_conv": {"kernel": kernel}}}, x)
   assert float(decoder_index[0, 1, 1, 0]) == pytest.approx(1.0)
@@ -280,7 +280,7 @@ def test_fade_gate_extremes_and_uniform_kernels(lite):
   rng = np.random.default_rng(7)
   x = rng.normal(size=(1, 4, 5, 6)).astype(np.float32)
   guide = rng.normal(size=(1, 8, 10, 3)).astype(np.float32)  # other width: aligned by 1x1
-  up = upsamplers.FADEUp(lite=lite)
+  up = resamplers.FADEUp(lite=lite)
   params = up.init(jax.random.key(0), x, None, guide)["params"]
   flat = dict(params)
   # Gate fully open: the output is the aligned guide.
@@ -297,7 +297,7 @@ def test_fade_gate_extremes_and_uniform_kernels(lite):
 
 
 def test_a2u_pair_is_the_a2u_layers_with_the_chosen_options():
-  family = upsamplers.make_resampler("a2u", share=False, rank=2, up_kernel_size=5,
+  family = resamplers.make_resampler("a2u", share=False, rank=2, up_kernel_size=5,
                                      implementation="gather")
   down, up = family.down(name="down0"), family.up()
   assert isinstance(down, layers.A2UDownsample) and isinstance(up, layers.A2UUpsample)
@@ -310,4 +310,4 @@ def test_a2u_pair_is_the_a2u_layers_with_the_chosen_options():
   np.testing.assert_array_equal(y, jax.jit(down.apply)(variables, x)[0])
   chex.assert_shape(up.apply({}, y, kernels, None), x.shape)
   with pytest.raises(ValueError, match="a2u: `implementation` must be one of None, 'slices'"):
-    upsamplers.make_resampler("a2u", implementation="loops")
+    resamplers.make_resampler("a2u", implementation="loops")

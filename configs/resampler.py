@@ -1,12 +1,12 @@
-"""The matting recipe with another upsampling operator: one row of the paper's comparison.
+"""The matting recipe with another resampler: one row of the paper's comparison.
 
-  python train.py --config configs/upsampler.py:carafe --workdir runs/carafe \
+  python train.py --config configs/resampler.py:carafe --workdir runs/carafe \
       [--config.model.resampler_options.up_kernel_size=3]
 
-  python train.py --config configs/upsampler.py:carafe,synthetic --workdir /tmp/carafe \
+  python train.py --config configs/resampler.py:carafe,synthetic --workdir /tmp/carafe \
       --config.num_train_steps=20     # no data to download: the synthetic set (NumPy)
 
-The argument after the colon is a name of `a2u_jax.upsamplers.RESAMPLERS` (nearest,
+The argument after the colon is a name of `a2u_jax.resamplers.RESAMPLERS` (nearest,
 bilinear, deconv, pixel_shuffle, max_unpool, carafe, indexnet, a2u, fade, sapa, dysample),
 optionally followed by ",synthetic" to train on the built-in synthetic composites (NumPy,
 no TensorFlow needed) instead of the Adobe set. Every option of that operator is listed under
@@ -22,7 +22,7 @@ from configs import a2u_matting
 def get_config(argument: str = "carafe") -> ml_collections.ConfigDict:
   name, _, data = argument.partition(",")
   if data not in ("", "synthetic"):
-    raise ValueError(f"configs/upsampler.py:{argument}: expected NAME or NAME,synthetic")
+    raise ValueError(f"configs/resampler.py:{argument}: expected NAME or NAME,synthetic")
   config = a2u_matting.get_config()
   if data == "synthetic":
     config.data.source, config.data.pipeline = "synthetic", "numpy"

@@ -1,4 +1,4 @@
-"""The upsampling operator family behind one interface: `make_resampler(name, **options)`.
+"""The resamplers (2x resampling operators) behind one interface: `make_resampler`.
 
 Every operator is a pair of Flax modules for 2x resampling of NHWC maps:
 
@@ -38,7 +38,7 @@ Names (`RESAMPLERS`) and their options:
                  "lp" or "pl", `dynamic_scope`.
 
 Adding an operator: write its up module (and a down module if it hands context), then one
-`_register(...)` line below; the tests in tests/test_upsamplers.py iterate over
+`_register(...)` line below; the tests in tests/test_resamplers.py iterate over
 `RESAMPLERS`, so it is covered by the shape, gradient and determinism checks at once.
 """
 
