@@ -160,6 +160,9 @@ def test_first_layout_migration_of_other_operators_and_unknown_versions(tmp_path
   assert config == {"resampler": "indexnet", "resampler_options": {"index": "holistic"}}
   assert migrated == {"params": {"down0": {"index": 1}, "up0": {"w": 2}, "stem": {"w": 3}},
                       "batch_stats": {"down3": {"bn": 4}}}
+  with pytest.raises(ValueError, match="model options share are not MattingNet's.*go under "
+                                       "resampler_options"):
+    models.build_model({"resampler": "a2u", "share": True})
   folder = checkpointing.save_model_checkpoint(tmp_path / "model", {"params": {}}, {})
   (folder / "model.json").write_text(json.dumps({"resampler": "a2u", "format_version": 9}))
   with pytest.raises(ValueError, match="model.json: format_version 9 is not one this a2u-jax"):

@@ -116,7 +116,7 @@ def _write_checkpoint(path):
 
   from a2u_jax import checkpointing, models
 
-  options = {"resampler": "a2u", "share": True}
+  options = {"resampler": "a2u", "resampler_options": {"share": True}}
   model = models.build_model(options)
   variables = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 4)))
   return checkpointing.save_model_checkpoint(path, variables, options)

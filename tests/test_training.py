@@ -181,6 +181,28 @@ def test_two_devices_give_the_update_of_one_device_with_the_whole_batch(single_d
   chex.assert_trees_all_close(got.batch_stats, expected.batch_stats, atol=1e-6, rtol=1e-6)
 
 
+def test_pending_metrics_stay_on_device_until_read_and_name_the_first_bad_step():
+  pending = loop.PendingMetrics()
+
+  def metrics(loss):
+    loss = jnp.float32(loss)
+    return {"loss": loss, "grad_norm": loss * 2, "finite": jnp.isfinite(loss)}
+
+  with jax.transfer_guard_device_to_host("disallow_explicit"):  # adding reads nothing
+    for step, loss in ((1, 0.5), (2, 0.25)):
+      pending.add(step, metrics(loss))
+  assert len(pending) == 2
+  assert pending.read(last_checkpoint=None) == {"loss": 0.25, "grad_norm": 0.5}
+  assert len(pending) == 0
+  for step, loss in ((3, 0.2), (4, np.nan), (5, np.inf), (6, 0.1)):
+    pending.add(step, metrics(loss))
+  with pytest.raises(loop.NonFiniteError,
+                     match=r"step 4: the loss \(nan\).*the last one is step 2"):
+    pending.read(last_checkpoint=2)
+  with pytest.raises(ValueError, match="no step since the last read"):
+    pending.read(last_checkpoint=2)
+
+
 @pytest.mark.parametrize("override, message", [
     ({"batch_size": -1}, "config.batch_size must be a positive integer"),
     ({"batch_size": 3}, "config.batch_size=3 is not divisible by the 4 devices"),
@@ -292,7 +314,7 @@ def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
   assert any((workdir / "best").iterdir())
   model, variables = checkpointing.load_model_checkpoint(workdir / "model")
-  out = model.apply(variables, jnp.zeros((1, CROP, CROP, 4)), train=False)
+  out = jax.jit(model.apply)(variables, jnp.zeros((1, CROP, CROP, 4)))
   chex.assert_shape(out, (1, CROP, CROP, 1))
   assert np.isfinite(np.asarray(out)).all()
 

@@ -21,6 +21,7 @@ The authors' checkpoints name the A2U modules differently; `a2u_jax.convert` map
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -168,6 +169,13 @@ def build_model(model_config: dict[str, Any]) -> MattingNet:
   """`MattingNet` from a model.json dict (keys: resampler and the other attributes), as
   checkpoints, conversion and training describe a model."""
   model_config = dict(model_config)
+  fields = {f.name for f in dataclasses.fields(MattingNet)
+            if f.init and f.name not in ("parent", "name")}
+  unknown = sorted(set(model_config) - fields)
+  if unknown:
+    raise ValueError(f"model options {', '.join(unknown)} are not MattingNet's (expected some "
+                     f"of {', '.join(sorted(fields))}); an operator's own options, such as "
+                     f"A2U's share, go under resampler_options")
   if model_config.get("resampler_options") is not None:  # hashable, like every attribute
     model_config["resampler_options"] = flax.core.FrozenDict(model_config["resampler_options"])
   return MattingNet(**model_config)

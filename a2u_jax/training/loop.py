@@ -50,6 +50,43 @@ class NonFiniteError(RuntimeError):
   """The loss or the gradient stopped being finite."""
 
 
+class PendingMetrics:
+  """The metrics of the steps since the last read, left on the device.
+
+  Reading them (`read`) waits for those steps, so the loop reads only where it needs the
+  numbers: at log steps, and before anything that must not follow a non-finite step
+  (a checkpoint, validation, image summaries, a stop).
+  """
+
+  def __init__(self):
+    self._steps: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Keeps step `step`'s metrics (device arrays, "finite" among them) unread."""
+    self._steps.append((step, metrics))
+
+  def read(self, last_checkpoint: int | None) -> dict[str, float]:
+    """The latest step's metrics as floats ("finite" dropped); forgets the rest.
+
+    Raises NonFiniteError naming the first pending step whose loss or gradient norm was not
+    finite (that step left the state unchanged; `last_checkpoint` is the run's latest).
+    """
+    steps, self._steps = self._steps, []
+    if not steps:
+      raise ValueError("PendingMetrics.read: no step since the last read")
+    for step, metrics in parallel.DataParallel.get(steps):
+      if not metrics["finite"]:
+        raise NonFiniteError(
+            f"step {step}: the loss ({float(metrics['loss'])}) or the gradient norm "
+            f"({float(metrics['grad_norm'])}) is not finite; that step did not update the "
+            f"state, and no checkpoint was written after it (the last one is step "
+            f"{last_checkpoint}). Lower config.learning_rate or check the data.")
+    return {key: float(value) for key, value in metrics.items() if key != "finite"}
+
+
 class Interrupted(Exception):
   """Training stopped on SIGINT (Ctrl-C) or SIGTERM before its last step.
 
@@ -424,6 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if lead and step < total_steps:
     log.info("compiling the training step (the first step waits for it)")
   stop = _StopRequests()
+  pending = PendingMetrics()
+  read_at, read_step = time.perf_counter(), step  # images/s over the steps between reads
   try:
     with stop:
       while step < total_steps:
@@ -431,33 +470,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         batch = next(batches)
         device_state, step_metrics = train_step(device_state, runtime.shard(batch),
                                                 device_rng)
-        step_metrics = runtime.get(step_metrics)
-        first = step == start_step
+        step += 1
+        pending.add(step, step_metrics)
+        first = step == start_step + 1
+        validating = config.eval_every > 0 and (step % config.eval_every == 0
+                                                or step == total_steps)
+        checkpointing_now = step % config.checkpoint_every == 0 or step == total_steps
+        summarising = bool(config.image_summary_every) and (
+            step % config.image_summary_every == 0)
+        logging_now = step % config.log_every == 0 or step == total_steps
+        stopping = step < total_steps and _any_process(stop.signal_name is not None)
+        if first or logging_now or validating or checkpointing_now or summarising or stopping:
+          last = pending.read(latest.latest_step())
+          now = time.perf_counter()
+          last["images_per_second"] = config.batch_size * (step - read_step) / (now - read_at)
+          read_at, read_step = now, step
+          bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_second']:.1f}")
         spent["first step (compiles)" if first else "other steps"] += (
             time.perf_counter() - started)
         if first and lead:
           log.info("first step done in %.1f s (including the compile)",
                    time.perf_counter() - started)
-        if not step_metrics.pop("finite"):
-          raise NonFiniteError(
-              f"step {step + 1}: the loss ({float(step_metrics['loss'])}) or the gradient "
-              f"norm ({float(step_metrics['grad_norm'])}) is not finite; the state was not "
-              f"updated and no checkpoint was written from it (the last one is step "
-              f"{latest.latest_step()}). Lower config.learning_rate or check the data.")
-        step += 1
-        images_per_second = config.batch_size / (time.perf_counter() - started)
-        last = {key: float(value) for key, value in step_metrics.items()}
-        last["images_per_second"] = images_per_second
         bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_second:.1f}")
-        if step % config.log_every == 0 or step == total_steps:
+        if logging_now:
           logger.scalars(step, last)
-        if config.image_summary_every and step % config.image_summary_every == 0:
+        if summarising:
           logger.images(step, batch, predictor(device_state)(batch["image"], batch["trimap"]))
         # Everything a step logs is written before its checkpoint is: a run killed after
         # the checkpoint resumes past this step and would not log it again.
-        validating = config.eval_every > 0 and (step % config.eval_every == 0
-                                                or step == total_steps)
         if validating:
           started = time.perf_counter()
           values = validate(predictor(device_state), items, config.validation.batch_size)
@@ -465,12 +505,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
           last.update({f"validation/{k}": v for k, v in values.items()})
         started = time.perf_counter()
-        if step % config.checkpoint_every == 0 or step == total_steps:
+        if checkpointing_now:
           _save(latest, runtime.get(device_state), config)
         if validating:
           _save(best, runtime.get(device_state), config, metrics=values)
         spent["checkpoints"] += time.perf_counter() - started
-        if step < total_steps and _any_process(stop.signal_name is not None):
+        if stopping:
           # Another process's signal stops this one too (at the same step).
           stop.signal_name = stop.signal_name or "SIGTERM"
           if step != latest.latest_step():
