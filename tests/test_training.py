@@ -313,7 +313,11 @@ def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
   assert [r["step"] for r in rows if "validation/sad" in r] == [1, 2]
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
   assert any((workdir / "best").iterdir())
+  assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".")) == []
   model, variables = checkpointing.load_model_checkpoint(workdir / "model")
+  best_model, best_variables = checkpointing.load_model_checkpoint(workdir / "best_model")
+  assert best_model == model
+  chex.assert_trees_all_equal_shapes(best_variables, variables)
   out = jax.jit(model.apply)(variables, jnp.zeros((1, CROP, CROP, 4)))
   chex.assert_shape(out, (1, CROP, CROP, 1))
   assert np.isfinite(np.asarray(out)).all()

@@ -40,6 +40,11 @@ from a2u_jax.training import steps
 from data_pipeline.files import NETWORK_STRIDE
 
 METRICS_FILE = "metrics.jsonl"
+# Model checkpoints (checkpointing.load_model_checkpoint) in the workdir: the final model,
+# and the one with the best validation SAD so far. checkpoints/ and best/ hold whole
+# training states, for resuming.
+MODEL_DIR = "model"
+BEST_MODEL_DIR = "best_model"
 # "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
 # "numpy": data_pipeline.SyntheticStream (synthetic data only; no TensorFlow).
 PIPELINES = ("tf", "numpy")
@@ -509,6 +514,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           _save(latest, runtime.get(device_state), config)
         if validating:
           _save(best, runtime.get(device_state), config, metrics=values)
+          if lead and best.best_step() == step:  # a model checkpoint, for predict/evaluate
+            _save_model(workdir / BEST_MODEL_DIR, runtime.get(device_state), config)
         spent["checkpoints"] += time.perf_counter() - started
         if stopping:
           # Another process's signal stops this one too (at the same step).
@@ -529,14 +536,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if step < total_steps:
     raise Interrupted(stop.signal_name, step, latest.latest_step())
   if lead:
-    host_state = runtime.get(device_state)
-    checkpointing.save_model_checkpoint(
-        workdir / "model", {"params": host_state.params, "batch_stats": host_state.batch_stats},
-        state_lib.model_options(config), force=True)
+    _save_model(workdir / MODEL_DIR, runtime.get(device_state), config)
   distributed.barrier("final model written")
   if lead and spent:
     log.info("time: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items()))
   return last
+
+
+def _save_model(directory: pathlib.Path, state: state_lib.TrainState, config) -> None:
+  checkpointing.save_model_checkpoint(
+      directory, {"params": state.params, "batch_stats": state.batch_stats},
+      state_lib.model_options(config), force=True)
 
 
 def _any_process(flag: bool) -> bool:
