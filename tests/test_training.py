@@ -323,6 +323,24 @@ def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
   assert np.isfinite(np.asarray(out)).all()
 
 
+@pytest.mark.slow  # two in-process runs, ~40 s on two cores
+def test_resuming_another_networks_training_state_says_so(tmp_path):
+  def config(resampler, steps):
+    config = smoke.get_config()
+    a2u_matting.use_resampler(config, resampler)
+    config.crop_size, config.num_train_steps = CROP, steps
+    config.eval_every = config.image_summary_every = 0
+    config.data.options.update(num_foregrounds=2, num_backgrounds=2, min_size=40, max_size=48)
+    return config
+
+  loop.train_and_evaluate(config("baseline", 1), tmp_path / "run", progress=False)
+  # pixel_shuffle adds down0..down3 and up0..up3, as A2U's format-2 modules differ from
+  # format 1's gen0..gen3.
+  with pytest.raises(ValueError, match="checkpoint at step 1 is the training state of "
+                                       "another network .*down0.*another --workdir"):
+    loop.train_and_evaluate(config("pixel_shuffle", 2), tmp_path / "run", progress=False)
+
+
 # ------------------------------------------------------- train.py, end to end
 
 

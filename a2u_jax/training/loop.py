@@ -313,8 +313,18 @@ def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config
   target = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), jax.numpy.asarray(leaf).dtype,
                                         sharding=sharding), state)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  except ValueError as error:
+    if "do not match" not in str(error):
+      raise
+    first = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+    raise ValueError(
+        f"{manager.directory}: the checkpoint at step {step} is the training state of "
+        f"another network ({first} ...): a different config.model, or a run of a2u-jax "
+        f"before model format 2 (A2U's modules were gen0..gen3). Resume it with the config "
+        f"and version that wrote it, or use another --workdir") from None
   position = restored["data"]
   if position["seed"] != config.seed or position["batch_size"] != config.batch_size:
     raise ValueError(f"the checkpoint at step {step} was trained with seed "
