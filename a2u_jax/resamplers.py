@@ -412,15 +412,16 @@ def _check_ranges(name: str, chosen: dict, defaults: dict) -> None:
                          f"got {value}")
 
 
+def module_attributes(cls: type[nn.Module]) -> dict[str, Any]:
+  """A Flax module class's own attributes (not Flax's `parent` and `name`) and defaults."""
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name") and f.init}
+
+
 def _simple(name: str, up_cls, down_cls=None, needs_guide: bool = False,
             choices: dict[str, tuple] | None = None):
-  def option_fields(cls) -> dict[str, Any]:  # a module's own attributes and defaults
-    if cls is None:
-      return {}
-    return {f.name: f.default for f in dataclasses.fields(cls)
-            if f.name not in ("parent", "name") and f.init}
-
-  up_fields, down_fields = option_fields(up_cls), option_fields(down_cls)
+  up_fields = module_attributes(up_cls)
+  down_fields = {} if down_cls is None else module_attributes(down_cls)
 
   def factory(**options) -> Resampler:
     chosen = _options(name, options, {**up_fields, **down_fields})

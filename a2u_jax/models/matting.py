@@ -21,7 +21,6 @@ The authors' checkpoints name the A2U modules differently; `a2u_jax.convert` map
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -144,7 +143,8 @@ def a2u_matting(share: bool = True, **overrides) -> MattingNet:
   dropout_rate). Call as ``module.apply(variables, x, train=False)``; with
   ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
   """
-  network_fields = {"axis_name", "dtype", "dropout_rate"}
+  network_fields = set(resamplers.module_attributes(MattingNet)) - {"resampler",
+                                                                     "resampler_options"}
   options = {"share": share, **{k: v for k, v in overrides.items() if k not in network_fields}}
   return MattingNet(resampler="a2u", resampler_options=flax.core.FrozenDict(options),
                     **{k: v for k, v in overrides.items() if k in network_fields})
@@ -169,8 +169,7 @@ def build_model(model_config: dict[str, Any]) -> MattingNet:
   """`MattingNet` from a model.json dict (keys: resampler and the other attributes), as
   checkpoints, conversion and training describe a model."""
   model_config = dict(model_config)
-  fields = {f.name for f in dataclasses.fields(MattingNet)
-            if f.init and f.name not in ("parent", "name")}
+  fields = set(resamplers.module_attributes(MattingNet))
   unknown = sorted(set(model_config) - fields)
   if unknown:
     raise ValueError(f"model options {', '.join(unknown)} are not MattingNet's (expected some "

@@ -520,12 +520,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
           last.update({f"validation/{k}": v for k, v in values.items()})
         started = time.perf_counter()
+        if checkpointing_now or validating:
+          host_state = runtime.get(device_state)  # once for every save of this step
         if checkpointing_now:
-          _save(latest, runtime.get(device_state), config)
+          _save(latest, host_state, config)
         if validating:
-          _save(best, runtime.get(device_state), config, metrics=values)
+          _save(best, host_state, config, metrics=values)
           if lead and best.best_step() == step:  # a model checkpoint, for predict/evaluate
-            _save_model(workdir / BEST_MODEL_DIR, runtime.get(device_state), config)
+            _save_model(workdir / BEST_MODEL_DIR, host_state, config)
         spent["checkpoints"] += time.perf_counter() - started
         if stopping:
           # Another process's signal stops this one too (at the same step).
