@@ -32,31 +32,15 @@ deviations; every random choice has the authors' distribution.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
-from data_pipeline import morphology
+from data_pipeline import morphology, protocol
 
-MERGE_PROBABILITY = 0.5
-RESIZE_PROBABILITY = 0.25
-RESIZE_TO = 640
-SCALE_RANGE = (0.8, 1.25)
-SHEAR_DEGREES = 10.0
-ROTATION_DEGREES = 30.0
-ROTATION_MIN_SIDE = 1024
-AXIS_FLIP_PROBABILITY = 0.5
-HFLIP_PROBABILITY = 0.5
-MIN_UNKNOWN_FOR_CENTRED_CROP = 10
-_WARP_BITS = 10
+from data_pipeline.protocol import MIN_UNKNOWN_FOR_CENTRED_CROP, RESIZE_TO, WARP_BITS
+
 _CUBIC_MARGIN = 3
-HUE_JITTER_DEGREES = 40
-
-# Named sub-seeds: each random decision has its own stream, so changing one step of the
-# protocol does not reshuffle the others.
-_STREAMS = ("merge", "merge_index", "resize", "affine", "hflip", "trimap", "crop", "jitter",
-            "background")
 
 
 class Example(NamedTuple):
@@ -65,16 +49,6 @@ class Example(NamedTuple):
   bg: tf.Tensor  # (crop, crop, 3) float32 in [0, 1]
   alpha: tf.Tensor  # (crop, crop, 1) float32 in [0, 1]
   trimap: tf.Tensor  # (crop, crop, 1) uint8 in {0, 128, 255}
-
-
-def _uniform(seed, minval=0.0, maxval=1.0, shape=()):
-  return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval)
-
-
-def _randint(seed, low, high, shape=()):
-  """Uniform integers in [low, high) (high may be a tensor)."""
-  return tf.random.stateless_uniform(shape, seed, minval=tf.cast(low, tf.int32),
-                                     maxval=tf.cast(high, tf.int32), dtype=tf.int32)
 
 
 def _nearest_index(out_size, in_size):
@@ -89,23 +63,14 @@ def _nearest_index(out_size, in_size):
   return tf.minimum(tf.cast(index, tf.int32), in_size - 1)
 
 
-def inverse_affine(center_x, center_y, angle, scale_x, scale_y, shear, flip_x, flip_y):
-  """The authors' inverse affine matrix (output pixel -> source pixel), as 6 scalars.
-
-  Order flip -> scale -> rotation -> shear, no translation; angles in degrees.
-  """
-  angle = angle * (math.pi / 180.0)
-  shear = shear * (math.pi / 180.0)
-  sx = flip_x / scale_x
-  sy = flip_y / scale_y
-  d = tf.cos(angle + shear) * tf.cos(angle) + tf.sin(angle + shear) * tf.sin(angle)
-  m0 = tf.cos(angle) * sx / d
-  m1 = tf.sin(angle + shear) * sx / d
-  m3 = -tf.sin(angle) * sy / d
-  m4 = tf.cos(angle + shear) * sy / d
-  m2 = m0 * -center_x + m1 * -center_y + center_x
-  m5 = m3 * -center_x + m4 * -center_y + center_y
-  return m0, m1, m2, m3, m4, m5
+def unpack_decisions(floats: tf.Tensor, ints: tf.Tensor) -> dict[str, tf.Tensor]:
+  """`protocol.as_vectors`' two vectors as named tensors (plus "linear": (2, 4) float64,
+  the affine's linear part without and with rotation)."""
+  count = len(protocol.FLOAT_FIELDS)
+  decisions = dict(zip(protocol.FLOAT_FIELDS, tf.unstack(floats[:count])))
+  decisions["linear"] = tf.reshape(floats[count:count + 8], [2, 4])
+  decisions.update(zip(protocol.INT_FIELDS, tf.unstack(ints)))
+  return decisions
 
 
 class _Geometry(NamedTuple):
@@ -130,15 +95,15 @@ class _Geometry(NamedTuple):
     m0, m1, m2, m3, m4, m5 = self.matrix
     # OpenCV's nearest warp: fixed point with 10 fractional bits, the per-row and the
     # per-column terms rounded separately, plus one half, floored.
-    scale = float(1 << _WARP_BITS)
+    scale = float(1 << WARP_BITS)
 
     def fixed_point(value, offset=0.0):
       return tf.cast(tf.math.rint(value * scale) + offset, tf.int32)
 
     src_x = tf.bitwise.right_shift(fixed_point(m1 * y + m2, scale / 2) + fixed_point(m0 * x),
-                                   _WARP_BITS)
+                                   WARP_BITS)
     src_y = tf.bitwise.right_shift(fixed_point(m4 * y + m5, scale / 2) + fixed_point(m3 * x),
-                                   _WARP_BITS)
+                                   WARP_BITS)
     # One unsigned comparison per axis also rejects negative coordinates.
     valid = ((tf.cast(src_x, tf.uint32) < tf.cast(self.width, tf.uint32))
              & (tf.cast(src_y, tf.uint32) < tf.cast(self.height, tf.uint32)))
@@ -176,39 +141,38 @@ def _gather_rgb(image, flat_index):
   return tf.where((flat_index < count)[..., None], pixels, 0.0)
 
 
+def _below(draw, count):
+  """A raw uint32 draw (held in an int64) reduced to [0, count)."""
+  return tf.cast(draw % tf.cast(count, tf.int64), tf.int32)
+
+
 def _resample_rows_cols(image, rows, cols):
   """image[rows][:, cols] for 1-D index vectors."""
   return tf.gather(tf.gather(image, rows), cols, axis=1)
 
 
-def _trimap(alpha, seed, use_opencv):
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  fg_size = _randint(seeds[0], 1, morphology.MAX_KERNEL_SIZE + 1)
-  bg_size = _randint(seeds[1], 1, morphology.MAX_KERNEL_SIZE + 1)
-  fg_mask = tf.cast(tf.floor(alpha + 1e-5) >= 1.0, tf.uint8)
-  bg_mask = tf.cast(tf.floor(1.0 - alpha + 1e-5) >= 1.0, tf.uint8)
+def _trimap(alpha, fg_size, bg_size, use_opencv):
+  epsilon = protocol.DEFINITE_EPSILON
+  fg_mask = tf.cast(tf.floor(alpha + epsilon) >= 1.0, tf.uint8)
+  bg_mask = tf.cast(tf.floor(1.0 - alpha + epsilon) >= 1.0, tf.uint8)
   fg_mask = morphology.erode(fg_mask, fg_size, use_opencv=use_opencv)
   bg_mask = morphology.erode(bg_mask, bg_size, use_opencv=use_opencv)
   trimap = tf.fill(tf.shape(alpha), tf.constant(128, tf.uint8))
   trimap = tf.where(tf.equal(fg_mask, 1), tf.constant(255, tf.uint8), trimap)
-  trimap = tf.where(tf.equal(bg_mask, 1), tf.constant(0, tf.uint8), trimap)
-  return trimap, {"fg_kernel": fg_size, "bg_kernel": bg_size}
+  return tf.where(tf.equal(bg_mask, 1), tf.constant(0, tf.uint8), trimap)
 
 
-def _hsv_jitter(fg, alpha, seed):
+def _hsv_jitter(fg, alpha, draws):
   """fg (H, W, 3) float in [0, 255]; alpha (H, W) float. Returns jittered fg in [0, 255].
 
   The three channels are transformed together (per-channel shifts broadcast, the hue
   channel picked by a mask): splitting and re-stacking channels costs more than the maths.
   """
-  seeds = tf.random.experimental.stateless_split(seed, 3)
   hsv = tf.image.rgb_to_hsv(fg / 255.0)
-  draws = {"hue_degrees": _randint(seeds[0], -HUE_JITTER_DEGREES, HUE_JITTER_DEGREES),
-           "saturation_draw": _uniform(seeds[1]), "value_draw": _uniform(seeds[2])}
   covered = tf.cast(alpha > 0, tf.float32)[..., None]
   # Mean saturation and value where alpha > 0 (the hue entry is unused).
   means = tf.reduce_sum(hsv * covered, axis=(0, 1)) / tf.reduce_sum(covered)
-  draw = tf.stack([0.0, draws["saturation_draw"], draws["value_draw"]])
+  draw = tf.cast(tf.stack([0.0, draws["saturation_draw"], draws["value_draw"]]), tf.float32)
   shift = draw * (1.1 - means) / 5.0 - (1.1 - means) / 10.0
   shift = tf.tensor_scatter_nd_update(
       shift, [[0]], [tf.cast(draws["hue_degrees"], tf.float32) / 360.0])
@@ -218,8 +182,7 @@ def _hsv_jitter(fg, alpha, seed):
   reflected = tf.abs(shifted)
   reflected = tf.where(reflected > 1.0, 2.0 - reflected, reflected)
   is_hue = tf.constant([True, False, False])
-  rgb = tf.image.hsv_to_rgb(tf.where(is_hue, wrapped, reflected)) * 255.0
-  return rgb, draws
+  return tf.image.hsv_to_rgb(tf.where(is_hue, wrapped, reflected)) * 255.0
 
 
 def _source_window(offset, scale, out_size, in_size):
@@ -250,29 +213,26 @@ def _resample_background(background, out_size, scale_y, scale_x, offset_y, offse
   return tf.clip_by_value(tf.round(resampled), 0.0, 255.0)
 
 
-def compose(load_foreground: Callable, load_background: Callable, num_foregrounds: int,
-            num_backgrounds: int, foreground_index: tf.Tensor, seed: tf.Tensor, *,
-            crop_size: int, use_opencv: bool | None = None
+def compose(load_foreground: Callable, load_background: Callable, floats: tf.Tensor,
+            ints: tf.Tensor, *, crop_size: int, use_opencv: bool | None = None
             ) -> tuple[Example, dict[str, tf.Tensor]]:
   """One training example by the Deep Image Matting protocol.
 
   Args:
     load_foreground: index -> (fg (h, w, 3) uint8, alpha (h, w, 1) uint8), TF graph ops.
     load_background: index -> (h, w, 3) uint8.
-    num_foregrounds, num_backgrounds: sizes of the two index ranges.
-    foreground_index: scalar int tensor.
-    seed: shape (2,) int tensor; every random choice is derived from it.
+    floats, ints: the example's random decisions, `protocol.as_vectors` of
+      `protocol.draw` (float64 and int64 vectors).
     crop_size: side of the square crop.
     use_opencv: trimap erosion through OpenCV (None: when installed).
 
   Returns:
-    The example, and every random decision that was taken (for tests and debugging).
+    The example, and every decision it took, drawn or derived (for tests and debugging).
   """
-  seeds = dict(zip(_STREAMS, tf.unstack(
-      tf.random.experimental.stateless_split(seed, len(_STREAMS)))))
+  drawn = unpack_decisions(floats, ints)
   crop = tf.constant(crop_size, tf.int32)
 
-  fg1, alpha1_u8 = load_foreground(foreground_index)
+  fg1, alpha1_u8 = load_foreground(drawn["foreground_index"])
   height0, width0 = tf.shape(alpha1_u8)[0], tf.shape(alpha1_u8)[1]
   # Alphas are handled flat (row-major) with a trailing sentinel 0, the value of pixels
   # that the warp brings in from outside the image.
@@ -280,10 +240,8 @@ def compose(load_foreground: Callable, load_background: Callable, num_foreground
 
   # 1. Merge with a second foreground, nearest-resized to the first one's size (read only
   # when the merge is drawn, as the authors do).
-  second_index = _randint(seeds["merge_index"], 0, num_foregrounds)
-
   def merged():
-    fg2, alpha2 = load_foreground(second_index)
+    fg2, alpha2 = load_foreground(drawn["second_index"])
     rows2 = _nearest_index(height0, tf.shape(alpha2)[0])
     cols2 = _nearest_index(width0, tf.shape(alpha2)[1])
     alpha2 = _flat_alpha(_resample_rows_cols(alpha2, rows2, cols2))
@@ -296,40 +254,35 @@ def compose(load_foreground: Callable, load_background: Callable, num_foreground
     return alpha1, tf.constant(False), alpha1, fg1, empty, empty
 
   source_alpha, merge, alpha2, fg2, rows2, cols2 = tf.cond(
-      _uniform(seeds["merge"]) < MERGE_PROBABILITY, merged, not_merged)
+      tf.cast(drawn["merge"], tf.bool), merged, not_merged)
 
   # 2. Optional resize to 640 x 640 (an index map onto the source).
-  resize = _uniform(seeds["resize"]) < RESIZE_PROBABILITY
+  resize = tf.cast(drawn["resize"], tf.bool)
   height = tf.where(resize, RESIZE_TO, height0)
   width = tf.where(resize, RESIZE_TO, width0)
 
-  # 3. Random affine (parameters depend on the resized size) and 4. horizontal flip.
-  affine = tf.unstack(tf.random.experimental.stateless_split(seeds["affine"], 6))
-  large = tf.maximum(height, width) >= ROTATION_MIN_SIDE
-  angle = tf.where(large, _uniform(affine[0], -ROTATION_DEGREES, ROTATION_DEGREES), 0.0)
-  scale_x = _uniform(affine[1], *SCALE_RANGE)
-  scale_y = _uniform(affine[2], *SCALE_RANGE)
-  shear = _uniform(affine[3], -SHEAR_DEGREES, SHEAR_DEGREES)
-  axis_flips = tf.where(_uniform(affine[4], shape=(2,)) < AXIS_FLIP_PROBABILITY, -1.0, 1.0)
-  # The matrix in double precision, as the authors' Python code computes it.
-  matrix = inverse_affine(
-      tf.cast(width, tf.float64) * 0.5 + 0.5, tf.cast(height, tf.float64) * 0.5 + 0.5,
-      *(tf.cast(v, tf.float64) for v in (angle, scale_x, scale_y, shear, axis_flips[0],
-                                         axis_flips[1])))
+  # 3. Random affine (the rotation applies to large images only) and 4. horizontal flip.
+  large = tf.maximum(height, width) >= protocol.ROTATION_MIN_SIDE
+  angle = tf.where(large, drawn["angle"], 0.0)
+  m0, m1, m3, m4 = tf.unstack(drawn["linear"][tf.cast(large, tf.int32)])
+  # The translation in double precision, as the authors' Python code computes it.
+  center_x = tf.cast(width, tf.float64) * 0.5 + 0.5
+  center_y = tf.cast(height, tf.float64) * 0.5 + 0.5
+  matrix = (m0, m1, m0 * -center_x + m1 * -center_y + center_x,
+            m3, m4, m3 * -center_x + m4 * -center_y + center_y)
   geometry = _Geometry(height=height, width=width, source_height=height0,
                        source_width=width0, matrix=matrix,
-                       hflip=_uniform(seeds["hflip"]) < HFLIP_PROBABILITY, resized=resize)
+                       hflip=tf.cast(drawn["hflip"], tf.bool), resized=resize)
   source_pixel = geometry.source_pixel(tf.range(height)[:, None], tf.range(width)[None, :])
   alpha = tf.gather(source_alpha, source_pixel)
 
   # 5. Trimap on the full (transformed) alpha.
-  trimap, trimap_draws = _trimap(alpha, seeds["trimap"], use_opencv)
+  trimap = _trimap(alpha, drawn["fg_kernel"], drawn["bg_kernel"], use_opencv)
   unknown = tf.equal(trimap, 128)
 
   # 6. Crop. Background first enlarged to cover the foreground (ceil), then, for images
   # smaller than the crop, everything enlarged by the same ratio (int).
-  background_index = _randint(seeds["background"], 0, num_backgrounds)
-  background = load_background(background_index)
+  background = load_background(drawn["background_index"])
   bg_height0 = tf.shape(background)[0]
   bg_width0 = tf.shape(background)[1]
   height_f, width_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
@@ -361,12 +314,12 @@ def compose(load_foreground: Callable, load_background: Callable, num_foreground
                                   enlarged_cols[margin:grid_width - margin]),
       lambda: unknown[margin:height - margin, margin:width - margin])
   candidates = tf.cast(tf.where(interior), tf.int32)
-  crop_seeds = tf.unstack(tf.random.experimental.stateless_split(seeds["crop"], 3))
   num_candidates = tf.shape(candidates)[0]
-  uniform_top = _randint(crop_seeds[1], 0, grid_height - crop + 1)
-  uniform_left = _randint(crop_seeds[2], 0, grid_width - crop + 1)
+  # The raw 32-bit draws reduced modulo their ranges (protocol.Decisions).
+  uniform_top = _below(drawn["top_draw"], grid_height - crop + 1)
+  uniform_left = _below(drawn["left_draw"], grid_width - crop + 1)
   centred = num_candidates >= MIN_UNKNOWN_FOR_CENTRED_CROP
-  pick = _randint(crop_seeds[0], 0, tf.maximum(num_candidates, 1))
+  pick = _below(drawn["pick_draw"], tf.maximum(num_candidates, 1))
   # A sentinel row keeps the (unused) pick valid when there are no candidates.
   chosen = tf.concat([candidates, tf.zeros([1, 2], tf.int32)], 0)[pick]
   top = tf.where(centred, chosen[0], uniform_top)
@@ -408,23 +361,18 @@ def compose(load_foreground: Callable, load_background: Callable, num_foreground
 
   # 7. HSV jitter of the foreground crop, 8. composite.
   skip_jitter = tf.reduce_all(tf.equal(alpha_crop, 0.0))
-  no_draws = {"hue_degrees": tf.constant(0), "saturation_draw": tf.constant(0.0),
-              "value_draw": tf.constant(0.0)}
-  fg, jitter_draws = tf.cond(skip_jitter, lambda: (fg, no_draws),
-                             lambda: _hsv_jitter(fg, alpha_crop, seeds["jitter"]))
+  fg = tf.cond(skip_jitter, lambda: fg, lambda: _hsv_jitter(fg, alpha_crop, drawn))
   fg = tf.clip_by_value(fg, 0.0, 255.0) / 255.0
   bg = bg / 255.0
   alpha_crop = tf.clip_by_value(alpha_crop, 0.0, 1.0)[..., None]
   image = fg * alpha_crop + bg * (1.0 - alpha_crop)
   shape = (crop_size, crop_size)
   decisions = {
-      "foreground_index": foreground_index, "merge": merge, "second_index": second_index,
-      "resize": resize, "angle": angle, "scale_x": scale_x, "scale_y": scale_y,
-      "shear": shear, "flip_x": axis_flips[0], "flip_y": axis_flips[1],
-      "hflip": geometry.hflip, **trimap_draws, "background_index": background_index,
+      **drawn, "merge": merge, "resize": resize, "angle": angle, "hflip": geometry.hflip,
       "centred": centred, "pick": pick, "uniform_top": uniform_top,
       "uniform_left": uniform_left, "top": top, "left": left, "has_unknown": has_unknown,
-      "jitter": tf.logical_not(skip_jitter), **jitter_draws}
+      "jitter": tf.logical_not(skip_jitter)}
+  del decisions["linear"]
   example = Example(
       image=tf.ensure_shape(image, shape + (3,)),
       fg=tf.ensure_shape(fg, shape + (3,)),

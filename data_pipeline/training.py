@@ -1,9 +1,7 @@
 """Infinite, deterministic, shardable training batches.
 
-The stream of examples is global: example k belongs to epoch k // L (L = the source's epoch
-length), its foreground is a per-epoch shuffle of the positions (`index_shuffle`, no list
-materialised) modulo the number of foregrounds, and every random choice of its composition
-comes from a seed folded from (seed, k). Global batch b holds examples
+The stream of examples is global (`data_pipeline.protocol` says how example k's foreground
+and random decisions derive from (seed, k)). Global batch b holds examples
 [b * B, (b + 1) * B) with B = batch_size * num_shards; host s takes its contiguous
 batch_size slice. So the same seed gives the same examples whatever the parallelism, and the
 union over hosts is the same for any number of hosts with the same global batch.
@@ -16,33 +14,32 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import composition
+from data_pipeline import composition, protocol
 from data_pipeline.files import check_stream_arguments
 from data_pipeline.sources import Source
 
 _NO_END = 2**62
 
 
-def _example_seed(seed: int, index: tf.Tensor) -> tf.Tensor:
-  return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
+def decision_vectors(source: Source, seed: int, index: tf.Tensor
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
+  """The decisions of global example `index` (`protocol.draw_vectors`) as two tensors."""
+  floats, ints = tf.numpy_function(
+      protocol.draw_vectors,
+      [seed, index, source.num_foregrounds, source.num_backgrounds, source.epoch_length],
+      [tf.float64, tf.int64], stateful=False)
+  return (tf.ensure_shape(floats, [len(protocol.FLOAT_FIELDS) + 8]),
+          tf.ensure_shape(ints, [len(protocol.INT_FIELDS)]))
 
 
 def example_dataset(source: Source, indices: tf.data.Dataset, *, crop_size: int, seed: int,
                     use_opencv: bool | None = None) -> tf.data.Dataset:
   """Maps a dataset of global example indices (int64) to examples (dicts of tensors)."""
-  epoch_length = source.epoch_length
-
   def make(index):
-    epoch = index // epoch_length
-    position = index % epoch_length
-    shuffle_seed = tf.random.experimental.stateless_fold_in(
-        tf.constant([seed, 1], tf.int64), epoch)
-    shuffled = tf.random.experimental.index_shuffle(position, shuffle_seed, epoch_length - 1)
-    foreground = tf.cast(shuffled % source.num_foregrounds, tf.int32)
-    example, _ = composition.compose(
-        source.load_foreground, source.load_background, source.num_foregrounds,
-        source.num_backgrounds, foreground, _example_seed(seed, index),
-        crop_size=crop_size, use_opencv=use_opencv)
+    floats, ints = decision_vectors(source, seed, index)
+    example, _ = composition.compose(source.load_foreground, source.load_background,
+                                     floats, ints, crop_size=crop_size,
+                                     use_opencv=use_opencv)
     return example._asdict()
 
   return indices.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

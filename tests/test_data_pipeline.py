@@ -11,7 +11,7 @@ from PIL import Image
 
 import data_pipeline
 from a2u_jax import inputs
-from data_pipeline import composition, morphology, sources, synthetic
+from data_pipeline import composition, morphology, protocol, sources, synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,11 +119,12 @@ def _compare_with_reference(foregrounds, backgrounds, crop, seeds):
 
   seen = set()
   for seed in seeds:
-    index = seed % len(foregrounds)
-    example, decisions = composition.compose(
-        load_fg, load_bg, len(foregrounds), len(backgrounds), tf.constant(index),
-        tf.constant([seed, 3], tf.int64), crop_size=crop)
+    floats, ints = protocol.draw_vectors(3, seed, len(foregrounds), len(backgrounds),
+                                         len(foregrounds))
+    example, decisions = composition.compose(load_fg, load_bg, tf.constant(floats),
+                                             tf.constant(ints), crop_size=crop)
     d = {k: v.numpy() for k, v in decisions.items()}
+    index = int(d["foreground_index"])
     given = {k: d[k].item() for k in _FORCED}
     second, background = int(d["second_index"]), int(d["background_index"])
     expected = reference.compose_reference(
@@ -232,10 +233,12 @@ def test_skip_batches_resumes_the_same_stream(small_source):
 
 
 def test_epoch_visits_every_foreground_equally(small_source):
-  shuffled = tf.random.experimental.index_shuffle(
-      tf.range(small_source.epoch_length, dtype=tf.int64), tf.constant([3, 1], tf.int64),
-      small_source.epoch_length - 1).numpy()
-  assert sorted(shuffled) == list(range(small_source.epoch_length))
+  length = small_source.epoch_length
+  for epoch in range(2):
+    order = [protocol.foreground_index(3, epoch * length + k, length,
+                                       small_source.num_foregrounds) for k in range(length)]
+    assert sorted(order) == sorted(list(range(small_source.num_foregrounds))
+                                   * small_source.backgrounds_per_foreground)
 
 
 def test_split_for_devices():
