@@ -1,0 +1,125 @@
+"""The JAX executor of the matting protocol against the tf.data reference, example by example.
+
+Both executors take the same decisions (data_pipeline.protocol); the bounds are those
+data_pipeline/jax_composition.py's docstring states and explains.
+"""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from data_pipeline import jax_composition, protocol, synthetic
+
+tf = pytest.importorskip("tensorflow")
+from data_pipeline import composition  # noqa: E402  (needs TensorFlow)
+
+_PHOTOS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "alphamatting_lowres"
+_LEVEL = 1.0 / 255.0
+
+
+def _switch(values):
+  def load(index):
+    return tf.switch_case(tf.cast(index, tf.int32),
+                          [lambda v=v: tuple(tf.constant(x) for x in v) for v in values])
+  return load
+
+
+def _both(foregrounds, alphas, backgrounds, crop, indices, seed=5):
+  """(reference examples and decisions, JAX batch output) for the given example indices."""
+  load_fg = _switch([(f, a[..., None]) for f, a in zip(foregrounds, alphas)])
+  load_bg_tuple = _switch([(b,) for b in backgrounds])
+  references, plans = [], []
+  for index in indices:
+    decisions = protocol.draw(seed, index, num_foregrounds=len(foregrounds),
+                              num_backgrounds=len(backgrounds),
+                              epoch_length=len(foregrounds))
+    floats, ints = protocol.as_vectors(decisions)
+    example, taken = composition.compose(load_fg, lambda i: load_bg_tuple(i)[0],
+                                         tf.constant(floats), tf.constant(ints),
+                                         crop_size=crop)
+    references.append(({k: v.numpy() for k, v in example._asdict().items()},
+                       {k: v.numpy() for k, v in taken.items()}))
+    first, second = int(decisions.foreground_index), int(decisions.second_index)
+    plans.append(jax_composition.plan(
+        foregrounds[first], alphas[first], foregrounds[second], alphas[second],
+        backgrounds[int(decisions.background_index)], decisions, crop))
+  output = jax_composition.compose_batch(jax_composition.collate(plans), crop)
+  return references, {k: (np.asarray(v) if k != "decisions" else
+                          {d: np.asarray(x) for d, x in v.items()})
+                      for k, v in output.items()}
+
+
+def _check(references, output):
+  """Asserts the stated bounds; returns the branches the examples took."""
+  seen = set()
+  for i, (expected, taken) in enumerate(references):
+    for name in ("merge", "top", "left", "centred", "has_unknown", "jitter"):
+      assert int(output["decisions"][name][i]) == int(taken[name]), (i, name)
+    np.testing.assert_array_equal(output["alpha"][i], expected["alpha"])
+    np.testing.assert_array_equal(output["trimap"][i], expected["trimap"])
+    assert output["trimap"].dtype == np.uint8
+    if not taken["jitter"] and not taken["merge"]:
+      np.testing.assert_array_equal(output["fg"][i], expected["fg"])
+    fg_error = np.abs(output["fg"][i] - expected["fg"])
+    if taken["merge"]:
+      # Merged pixels may floor one level apart (FMA); the rest is jitter rounding.
+      assert fg_error.max() <= _LEVEL * 1.01 + 1e-4 and np.mean(fg_error > 1e-4) < 1e-3
+    else:
+      assert fg_error.max() <= 1e-4
+    assert np.abs(output["bg"][i] - expected["bg"]).max() <= _LEVEL + 1e-7
+    assert np.abs(output["image"][i] - expected["image"]).max() <= _LEVEL + 1e-4
+    seen.update(k for k in ("merge", "resize", "hflip", "centred", "has_unknown", "jitter")
+                if taken[k])
+    if taken["has_unknown"] and not taken["centred"]:
+      seen.add("uniform_crop")
+  return seen
+
+
+def test_equals_the_tf_reference_on_synthetic_images():
+  foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(4, 3, 90, 150, seed=1)
+  # All-opaque and all-transparent alphas: crops without an unknown pixel.
+  foregrounds.append(foregrounds[0])
+  alphas.append(np.full_like(alphas[0], 255))
+  seen = _check(*_both(foregrounds, alphas, backgrounds, crop=64, indices=range(16)))
+  # Crop 160 exceeds every foreground: the enlargement path.
+  seen |= _check(*_both(foregrounds, alphas, backgrounds, crop=160, indices=range(6)))
+  assert {"merge", "resize", "hflip", "centred", "has_unknown", "jitter"} <= seen
+
+
+@pytest.mark.skipif(not _PHOTOS.is_dir(), reason=f"needs the shared photographs in {_PHOTOS}")
+def test_equals_the_tf_reference_on_the_shipped_photos():
+  from PIL import Image
+
+  paths = sorted(_PHOTOS.glob("image_*.png"))[:5]
+  foregrounds = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+  alphas = [np.asarray(Image.open(str(p).replace("image_", "alpha_")).convert("L"))
+            for p in paths]
+  seen = _check(*_both(foregrounds, alphas, foregrounds, crop=320, indices=range(8)))
+  assert {"merge", "centred"} <= seen
+
+
+def test_canvas_sides_bound_the_compilations():
+  assert [jax_composition.canvas_side(n) for n in (1, 256, 257, 700, 4096, 4097)] == [
+      256, 256, 384, 768, 4096, 5120]
+  foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(3, 2, 100, 250, seed=2)
+
+  def batch(indices):
+    plans = []
+    for index in indices:
+      d = protocol.draw(0, index, num_foregrounds=3, num_backgrounds=2, epoch_length=3)
+      f, s, b = int(d.foreground_index), int(d.second_index), int(d.background_index)
+      plans.append(jax_composition.plan(foregrounds[f], alphas[f], foregrounds[s], alphas[s],
+                                        backgrounds[b], d, 64))
+    return jax_composition.collate(plans)
+
+  # Examples without the 640 resize: their canvas is the images' own (<= 250 pixels).
+  kept = [k for k in range(40) if not protocol.draw(0, k, num_foregrounds=3,
+                                                    num_backgrounds=2, epoch_length=3).resize]
+  first, second = batch(kept[:2]), batch(kept[2:4])
+  assert first["fg"].shape == second["fg"].shape == (2, 256, 256, 3)
+  before = jax_composition._compose._cache_size()
+  jax_composition.compose_batch(first, 64)
+  jax_composition.compose_batch(second, 64)
+  # Other images of the same canvas reuse the compiled executor.
+  assert jax_composition._compose._cache_size() == before + 1
