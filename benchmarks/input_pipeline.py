@@ -1,7 +1,9 @@
-"""Training-data throughput: our tf.data pipeline against the authors' per-sample approach.
+"""Training-data throughput: our tf.data and JAX pipelines against the authors' per-sample
+approach.
 
-Both run the Deep Image Matting protocol (data_pipeline.composition, and its NumPy/OpenCV
-transcription in dim_protocol_numpy.py) on the same images, 512 crops:
+All run the Deep Image Matting protocol (data_pipeline.composition, data_pipeline.
+jax_composition, and the NumPy/OpenCV transcription in dim_protocol_numpy.py) on the same
+images, 512 crops:
   - synthetic foregrounds and backgrounds of realistic size (1-2 MP), held in memory;
   - the real photographs of ../shared/data/alphamatting_lowres read from disk every time
     (the photos as foregrounds with their alphas, the photos again as backgrounds).
@@ -25,6 +27,7 @@ import os
 import pathlib
 import time
 
+import jax
 import numpy as np
 
 import data_pipeline
@@ -97,6 +100,44 @@ def pipeline_rate(source, crop, samples, batch_size):
   return batches * batch_size / (time.perf_counter() - start)
 
 
+def jax_rate(kind, payload, crop, samples, batch_size):
+  """The JAX executor: the host decodes and plans each example in this process, the
+  device (here the CPU) composites the batch (data_pipeline.jax_composition)."""
+  from data_pipeline import jax_composition, protocol
+  from data_pipeline.files import read_image
+
+  foregrounds, alphas, backgrounds = payload
+  count = len(foregrounds)
+
+  def rgb(item):
+    return item if kind == "arrays" else read_image(item, "rgb")[0]
+
+  def grey(item):
+    return item if kind == "arrays" else read_image(item, "grey")[0]
+
+  def batch(start):
+    plans = []
+    for index in range(start, start + batch_size):
+      d = protocol.draw(0, index, num_foregrounds=count, num_backgrounds=len(backgrounds),
+                        epoch_length=count)
+      first, second = int(d.foreground_index), int(d.second_index)
+      fg2, alpha2 = ((rgb(foregrounds[second]), grey(alphas[second])) if d.merge
+                     else (None, None))
+      plans.append(jax_composition.plan(
+          rgb(foregrounds[first]), grey(alphas[first]), fg2, alpha2,
+          rgb(backgrounds[int(d.background_index)]), d, crop))
+    out = jax_composition.compose_batch(jax_composition.collate(plans), crop)
+    out["image"].block_until_ready()
+
+  for warm in range(4):  # compile each canvas the data reaches
+    batch(warm * batch_size)
+  batches = max(1, samples // batch_size)
+  start = time.perf_counter()
+  for b in range(batches):
+    batch((b + 4) * batch_size)
+  return batches * batch_size / (time.perf_counter() - start)
+
+
 def training_step_flops(crop: int) -> float:
   """FLOPs of one forward+backward pass of the A2U network on one crop (XLA's count)."""
   import jax
@@ -146,13 +187,16 @@ def main(argv=None):
     print(f"(no {SHARED_PHOTOS}: real-photo row skipped)")
 
   print(f"{workers} CPU cores; {args.crop}x{args.crop} crops; samples/s (higher is better)\n")
-  print("| data | tf.data pipeline (ours) | NumPy+OpenCV pool of "
-        f"{workers} (authors' approach) | ours / baseline |")
-  print("|---|---|---|---|")
+  print("| data | tf.data pipeline (ours) | JAX pipeline (ours, device = "
+        f"{jax.default_backend()}) | NumPy+OpenCV pool of {workers} (authors' approach) | "
+        "JAX / tf.data | tf.data / authors' |")
+  print("|---|---|---|---|---|---|")
   for label, kind, payload, source in cases:
     ours = pipeline_rate(source, args.crop, args.samples, args.batch)
+    on_device = jax_rate(kind, payload, args.crop, args.samples, args.batch)
     theirs = reference_rate(kind, payload, args.crop, args.samples, workers)
-    print(f"| {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |", flush=True)
+    print(f"| {label} | {ours:.1f} | {on_device:.1f} | {theirs:.1f} | "
+          f"{on_device / ours:.2f}x | {ours / theirs:.2f}x |", flush=True)
     if args.step_seconds:
       need = args.batch / args.step_seconds
       print(f"|   a {args.step_seconds:g} s step at batch {args.batch} needs {need:.1f} "
