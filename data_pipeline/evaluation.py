@@ -41,8 +41,7 @@ def _read(path: str, kind: str) -> np.ndarray:
 
 def _size(path: str) -> tuple[int, int]:
   try:
-    with Image.open(path) as image:
-      return image.size[1], image.size[0]
+    return files.upright_size(path)  # the size `_read` gives, EXIF orientation applied
   except Exception as error:
     raise SourceError(f"{path}: not a readable image ({error})") from None
 

@@ -1,0 +1,111 @@
+"""The last details of the authors' code: images decoded as their `cv2.imread` decodes them,
+PyTorch's transposed convolution and batch-norm statistics in the resamplers, and their
+validation rule for choosing the best model."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import files
+from tests.conftest import SHARED
+
+PHOTOS = SHARED / "data" / "alphamatting_lowres"
+
+
+def _cv2():
+  return pytest.importorskip("cv2", reason="the reference decoder, OpenCV (the train extra)")
+
+
+def _tf_decode(path, channels):
+  """The tf.data sources' decoder (FileSource and TfdsSource decode through it)."""
+  pytest.importorskip("tensorflow", reason="the tf.data pipeline (the train extra)")
+  import tensorflow as tf
+
+  from data_pipeline.sources import FileSource
+
+  decoded = FileSource._decode_bytes(tf.constant(path.read_bytes()), channels).numpy()
+  return decoded if channels == 3 else decoded[..., 0]
+
+
+def _assert_reads_like_cv2(path, *, tf_too=True):
+  """Every project reader gives cv2.imread's pixels, in colour and as grey (the authors
+  read foregrounds with cv2.imread(path) and alphas with cv2.imread(path, 0))."""
+  cv2 = _cv2()
+  colour = cv2.imread(str(path))[..., ::-1]
+  grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+  np.testing.assert_array_equal(files.read_image(path, "rgb")[0], colour, err_msg=str(path))
+  np.testing.assert_array_equal(files.read_image(path, "grey")[0], grey, err_msg=str(path))
+  assert files.upright_size(path) == grey.shape
+  if tf_too:
+    np.testing.assert_array_equal(_tf_decode(path, 3), colour, err_msg=f"tf {path}")
+    np.testing.assert_array_equal(_tf_decode(path, 1), grey, err_msg=f"tf {path}")
+
+
+@pytest.mark.parametrize("quality", [50, 75, 90, 100])
+def test_jpeg_copies_of_the_shared_photos_decode_as_cv2_imread(tmp_path, quality):
+  if not PHOTOS.is_dir():
+    pytest.skip(f"needs {PHOTOS} (shared real photographs, not shipped with the package)")
+  for number in ("01", "05", "13"):
+    with Image.open(PHOTOS / f"image_{number}.png") as im:
+      photo = im.convert("RGB")
+    with Image.open(PHOTOS / f"alpha_{number}.png") as im:
+      alpha = im.convert("L")
+    alpha.save(tmp_path / f"alpha_{number}.jpg", quality=quality)
+    for subsampling, name in ((0, "444"), (2, "420")):
+      # A photo (also read as grey: libjpeg's luma plane, not a mix of the decoded RGB),
+      # and an alpha stored as a colour JPEG, as some training sets ship them.
+      photo.save(tmp_path / f"photo_{number}_{name}.jpg", quality=quality,
+                 subsampling=subsampling)
+      alpha.convert("RGB").save(tmp_path / f"alpha_rgb_{number}_{name}.jpg", quality=quality,
+                                subsampling=subsampling)
+  for path in sorted(tmp_path.iterdir()):
+    _assert_reads_like_cv2(path)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_images_upright_as_cv2_imread(tmp_path, orientation):
+  rng = np.random.default_rng(orientation)
+  image = Image.fromarray(rng.integers(0, 256, (24, 40, 3), np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = orientation  # EXIF Orientation
+  image.save(tmp_path / "photo.jpg", quality=90, exif=exif.tobytes())
+  image.save(tmp_path / "photo.png", exif=exif.tobytes())
+  image.save(tmp_path / "photo.webp", lossless=True, exif=exif.tobytes())
+  # A PNG may carry its eXIf chunk after the pixel data; OpenCV still honours it.
+  _late_exif_png(image, exif.tobytes(), tmp_path / "late.png")
+  for name in ("photo.jpg", "photo.png", "late.png"):
+    _assert_reads_like_cv2(tmp_path / name)
+  # TensorFlow cannot decode a WebP to one channel (cv2.imread can).
+  _assert_reads_like_cv2(tmp_path / "photo.webp", tf_too=False)
+  np.testing.assert_array_equal(_tf_decode(tmp_path / "photo.webp", 3),
+                                files.read_image(tmp_path / "photo.webp", "rgb")[0])
+
+
+def _late_exif_png(image, exif: bytes, path):
+  import struct
+  import zlib
+
+  encoded = io.BytesIO()
+  image.save(encoded, "PNG")
+  data = encoded.getvalue()
+  payload = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+  chunk = (struct.pack(">I", len(payload)) + b"eXIf" + payload +
+           struct.pack(">I", zlib.crc32(b"eXIf" + payload)))
+  end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+  path.write_bytes(data[:end] + chunk + data[end:])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".webp"])
+def test_colour_files_read_as_grey_with_their_decoders_weights(tmp_path, suffix):
+  colours = np.random.default_rng(0).integers(0, 256, (512, 512, 3), np.uint8)
+  path = tmp_path / f"colours{suffix}"
+  Image.fromarray(colours).save(path, **({"lossless": True} if suffix == ".webp" else {}))
+  _assert_reads_like_cv2(path, tf_too=suffix == ".png")
+
+
+def test_sixteen_bit_files_keep_the_high_byte_as_cv2_imread(tmp_path):
+  Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256)).save(
+      tmp_path / "grey16.png")
+  _assert_reads_like_cv2(tmp_path / "grey16.png")
