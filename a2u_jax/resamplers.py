@@ -78,16 +78,27 @@ class BilinearUp(nn.Module):
 
 class DeconvUp(nn.Module):
   """Transposed convolution C -> C, stride 2 (Zeiler & Fergus, 2014; the "Conv/2-Deconv"
-  row of IndexNet's comparison), (N, h, w, C) -> (N, 2h, 2w, C). Parameters: a
-  kernel_size^2 x C x C kernel and a bias."""
+  row of IndexNet's comparison), (N, h, w, C) -> (N, 2h, 2w, C).
+
+  The exact-2x PyTorch layer for every kernel size k: ConvTranspose2d(C, C, k, stride=2,
+  padding=(k - 1) // 2, output_padding=k % 2). Parameters: a kernel_size^2 x C x C kernel
+  (Flax does not flip it: PyTorch's weight (C_in, C_out, k, k) is this kernel flipped in
+  both spatial axes) and a bias.
+  """
 
   kernel_size: int = 4
   dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x, context=None, guide=None):
-    return nn.ConvTranspose(x.shape[-1], (self.kernel_size,) * 2, strides=(2, 2),
-                            padding="SAME", dtype=self.dtype, name="deconv")(x)
+    k = self.kernel_size
+    # PyTorch's padding and output_padding, as padding of the stride-dilated input: k - 1 - p
+    # before, k - 1 - p + k % 2 after. (Flax's "SAME" agrees for even k; for odd k it puts
+    # the longer side first, shifting the output by one pixel.)
+    before = k - 1 - (k - 1) // 2
+    padding = (before, before + k % 2)
+    return nn.ConvTranspose(x.shape[-1], (k, k), strides=(2, 2), padding=(padding, padding),
+                            dtype=self.dtype, name="deconv")(x)
 
 
 class SpaceToDepthDown(nn.Module):

@@ -109,3 +109,45 @@ def test_sixteen_bit_files_keep_the_high_byte_as_cv2_imread(tmp_path):
   Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256)).save(
       tmp_path / "grey16.png")
   _assert_reads_like_cv2(tmp_path / "grey16.png")
+
+
+# ------------------------------------------------------------------- transposed convolution
+
+
+def _torch_conv_transpose2d(x, weight, bias, stride, padding, output_padding):
+  """PyTorch's ConvTranspose2d by its definition, NCHW: every input pixel scatters
+  weight[c_in] * x into the output at stride * i + (tap) - padding; output_padding adds
+  rows/columns at the bottom/right (zero before the bias where no tap reaches them)."""
+  n, _, height, width = x.shape
+  k = weight.shape[2]
+  full = np.zeros((n, weight.shape[1], (height - 1) * stride + k + output_padding,
+                   (width - 1) * stride + k + output_padding))
+  for i in range(height):
+    for j in range(width):
+      full[:, :, i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum(
+          "nc,cokl->nokl", x[:, :, i, j], weight)
+  out_h = (height - 1) * stride - 2 * padding + k + output_padding
+  out_w = (width - 1) * stride - 2 * padding + k + output_padding
+  return full[:, :, padding:padding + out_h, padding:padding + out_w] + bias[:, None, None]
+
+
+def test_deconv_is_pytorchs_exact_2x_transposed_convolution_for_odd_and_even_kernels():
+  import jax
+  import jax.numpy as jnp
+
+  from a2u_jax import resamplers
+
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 6, 3))
+  for k in range(1, 7):
+    weight = rng.standard_normal((3, 3, k, k))  # PyTorch's layout: (in, out, k, k)
+    bias = rng.standard_normal(3)
+    expected = _torch_conv_transpose2d(x.transpose(0, 3, 1, 2), weight, bias, 2,
+                                       (k - 1) // 2, k % 2)
+    kernel = weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (k, k, in, out), flipped
+    variables = {"params": {"deconv": {"kernel": kernel, "bias": bias}}}
+    with jax.enable_x64(True):
+      out = resamplers.make_resampler("deconv", kernel_size=k).up().apply(
+          jax.tree.map(jnp.asarray, variables), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected, rtol=1e-12,
+                               atol=1e-12, err_msg=f"kernel_size={k}")
