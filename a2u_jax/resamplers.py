@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a2u_jax import layers, ops
+from a2u_jax.batch_norm import BatchNorm
 from a2u_jax import resample_ops as rops
 
 Dtype = Any
@@ -205,8 +206,8 @@ class IndexNetDown(nn.Module):
   def _branch(self, x, features: int, groups: int, train: bool, name: str):
     y = self._conv(features, groups, f"{name}_conv")(x)
     if self.nonlinear:
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       axis_name=self.axis_name, dtype=self.dtype, name=f"{name}_bn")(y)
+      # PyTorch's BatchNorm2d, as IndexNet's (unbiased running variance, unlike nn.BatchNorm).
+      y = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=f"{name}_bn")(y, train)
       y = jnp.clip(y, 0.0, 6.0)  # ReLU6
       y = nn.Conv(y.shape[-1] if self.index != "holistic" else 4, (1, 1),
                   feature_group_count=groups if self.index == "depthwise_o2o" else 1,

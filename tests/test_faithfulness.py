@@ -151,3 +151,42 @@ def test_deconv_is_pytorchs_exact_2x_transposed_convolution_for_odd_and_even_ker
           jax.tree.map(jnp.asarray, variables), jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected, rtol=1e-12,
                                atol=1e-12, err_msg=f"kernel_size={k}")
+
+
+# ------------------------------------------------------------------ batch-norm statistics
+
+
+@pytest.mark.parametrize("index", ["holistic", "depthwise_o2o", "depthwise_m2o"])
+def test_indexnet_running_statistics_follow_pytorchs_rule_across_devices(index):
+  """After a training step, every index block's BatchNorm holds PyTorch's running statistics
+  (momentum 0.1, unbiased variance over the whole synchronised batch), as IndexNet's
+  BatchNorm2d / SynchronizedBatchNorm2d do."""
+  import flax.linen as nn
+  import jax
+
+  from a2u_jax import resamplers
+
+  devices, per_device = 2, 2
+  x = jax.random.normal(jax.random.key(0), (devices, per_device, 8, 8, 16)) * 3 + 1
+  down = resamplers.make_resampler("indexnet", index=index, axis_name="devices").down()
+  variables = down.init(jax.random.key(1), x[0])
+  # Non-trivial running statistics to start from.
+  variables["batch_stats"] = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+
+  def step(x):
+    return down.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                      capture_intermediates=lambda module, _: isinstance(module, nn.Conv))[1]
+
+  updates = jax.vmap(step, axis_name="devices")(x)
+  blocks = [name[:-3] for name in variables["batch_stats"]]
+  assert blocks, "the nonlinear index blocks have a BatchNorm"
+  for block in blocks:
+    normalised = np.asarray(updates["intermediates"][f"{block}_conv"]["__call__"][0],
+                            np.float64)  # (devices, per_device, h, w, C): the BN's input
+    values = normalised.reshape(-1, normalised.shape[-1])
+    before = variables["batch_stats"][f"{block}_bn"]
+    after = jax.tree.map(lambda v: np.asarray(v)[0], updates["batch_stats"][f"{block}_bn"])
+    np.testing.assert_allclose(after["mean"], 0.9 * before["mean"] + 0.1 * values.mean(0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after["var"], 0.9 * before["var"] + 0.1 * values.var(0, ddof=1),
+                               rtol=1e-5, atol=1e-6)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from a2u_jax.batch_norm import BatchNorm
 
 Dtype = Any
 
@@ -30,53 +30,22 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
                  kernel_init=XAVIER_LEAKY, name=name)
 
 
-class ABN(nn.Module):
+class ABN(BatchNorm):
   """The authors' InPlaceABN: batch norm with a |gamma| + eps scale, then LeakyReLU(0.01).
 
   y = (x - mean) / sqrt(var + eps) * (|scale| + eps) + bias, followed by LeakyReLU(0.01)
   unless `activation` is False. Checkpoints store the raw (possibly negative) scale.
-
-  `train=True` normalises with the batch statistics (averaged over `axis_name` when given,
-  i.e. synchronised across devices) and updates the running statistics in `batch_stats`
-  like PyTorch: running = (1 - momentum) * running + momentum * batch, with the unbiased
-  batch variance.
+  Statistics, running statistics (PyTorch's update, with the unbiased batch variance),
+  synchronisation over `axis_name` and variables are `a2u_jax.batch_norm.BatchNorm`'s.
   """
 
   activation: bool = True
-  momentum: float = 0.1
-  epsilon: float = 1e-5
-  axis_name: str | None = None
-  dtype: Dtype | None = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    channels = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
-    running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-    # Statistics in at least float32 (bfloat16 inputs), float64 where the model is.
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      count = math.prod(x.shape[:-1])
-      mean = jnp.mean(x32, axes)
-      if self.axis_name is not None:
-        mean = lax.pmean(mean, self.axis_name)
-      var = jnp.mean(jnp.square(x32 - mean), axes)
-      if self.axis_name is not None:
-        var = lax.pmean(var, self.axis_name)
-        count = count * lax.psum(1, self.axis_name)
-      if not self.is_initializing():
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-    else:
-      mean, var = running_mean.value, running_var.value
-    y = (x32 - mean) * lax.rsqrt(var + self.epsilon) * (jnp.abs(scale) + self.epsilon) + bias
-    if self.activation:
-      y = nn.leaky_relu(y, LEAKY_SLOPE)
-    return y.astype(self.dtype or x.dtype)
+  def effective_scale(self, scale: jax.Array) -> jax.Array:
+    return jnp.abs(scale) + self.epsilon
+
+  def activate(self, y: jax.Array) -> jax.Array:
+    return nn.leaky_relu(y, LEAKY_SLOPE) if self.activation else y
 
 
 class ConvABN(nn.Module):
