@@ -2,6 +2,9 @@
 
     python -m a2u_jax.convert --torch model_best.pth --out checkpoints/a2u_share [--force]
 
+The .pth files are read without PyTorch, by `a2u_jax.pth` (either torch.save format, and
+nothing but tensors, containers and numbers is built from them).
+
 Official keys (see tests/data/reference/official_checkpoint_keys_*.json) map one to one
 onto `a2u_jax.models.a2u_matting`: conv weights OIHW -> HWIO, 1x1 generator convs -> Dense
 kernels, InPlaceABN weight/bias -> params scale/bias and running_mean/var -> batch_stats.
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2u_jax import checkpointing, models
+from a2u_jax import checkpointing, models, pth
 
 Path = tuple[str, ...]
 
@@ -222,10 +225,12 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a .pth / .pth.tar state dict with torch (weights only) as NumPy arrays.
+  """The state dict of a .pth / .pth.tar checkpoint as NumPy arrays, read without torch.
 
-  A ``.npz`` file of the same names (optionally under "state_dict/") is read with NumPy,
-  without torch.
+  `a2u_jax.pth.read_pth` reads the file (torch.save's zip or legacy format); a checkpoint
+  holding more than weights (the authors' training saves the optimizer, epoch and
+  measures beside "state_dict") gives its "state_dict". A ``.npz`` file of the same names
+  (optionally under "state_dict/") is read with NumPy.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -241,15 +246,7 @@ def load_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if not arrays:
       raise ValueError(f"{path}: the archive holds no arrays")
     return _normalise_keys(arrays)
-  try:
-    import torch
-  except ImportError as error:
-    raise ImportError("reading PyTorch checkpoints needs torch: pip install 'a2u-jax[torch]' "
-                      "(the CPU build is enough)") from error
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as error:
-    raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+  loaded = pth.read_pth(path)
   if not isinstance(loaded, Mapping):
     raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got "
                      f"{type(loaded).__name__}")
@@ -315,18 +312,21 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--torch", required=True, type=pathlib.Path,
-                      help="the authors' checkpoint (.pth / .pth.tar, or .npz of the same "
-                           "names)")
+                      help="the authors' checkpoint (.pth / .pth.tar in either torch.save "
+                           "format, read without PyTorch; or .npz of the same names)")
   parser.add_argument("--out", required=True, type=pathlib.Path,
                       help="output folder for the orbax checkpoint (must be empty or absent)")
   parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
   args = parser.parse_args(argv)
   try:
     state_dict = load_torch_checkpoint(args.torch)
-    config = detect_model_config(state_dict)
-    variables = from_torch_state_dict(state_dict)
+    try:
+      config = detect_model_config(state_dict)
+      variables = from_torch_state_dict(state_dict)
+    except ValueError as error:
+      raise ValueError(f"{args.torch}: {error}") from None
     out = checkpointing.save_model_checkpoint(args.out, variables, config, force=args.force)
-  except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+  except (FileNotFoundError, FileExistsError, ValueError) as error:
     parser.error(str(error))
   share = config["resampler_options"]["share"]
   print(f"wrote {out} ({'share' if share else 'unshare'} A2U matting network)")
