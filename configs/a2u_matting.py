@@ -58,18 +58,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict()
   config.init.torchvision_resnet34 = ""  # a .pth / .npz of torchvision's resnet34 weights
 
-  # Validation: synthetic | alphamatting | folder | tfds (options as data_pipeline's
-  # synthetic_items / alphamatting_items / folder_items / tfds_items take).
+  # Validation, which chooses best_model/ (docs/design.md §5). The authors validate on the
+  # 1000 Composition-1k test images after every epoch (their trainval.py: train() runs
+  # the epoch's 6000 iterations, then validate(); an epoch is 6000 batches of 16, not one
+  # pass over the source's 43,100 composites) and keep the lowest SAD by their own rule
+  # (sad_rule "authors", a2u_jax/sad_rules.py). To do the same, give the test set:
+  #   --config.validation.source=composition1k --config.validation.data_dir=DIR
+  # with DIR a TFDS data_dir where data_pipeline.tfds_builders.prepare("composition1k",
+  # ...) wrote it, or a folder with image/, trimap/ and alpha/. Without it, 8 held-out
+  # synthetic composites stand in: a smoke check, not the paper's model selection.
+  # The other sources: alphamatting | folder | tfds, with `options` as data_pipeline's
+  # alphamatting_items / folder_items / tfds_items take (synthetic: synthetic_items').
   config.validation = ml_collections.ConfigDict()
   config.validation.source = "synthetic"
+  config.validation.data_dir = ""  # composition1k: its TFDS data_dir or folder
   config.validation.options = ml_collections.ConfigDict(dict(count=8))
+  # "authors": their validation SAD (float alpha, OpenCV min-max stretch); "matlab": the
+  # published SAD of the saved 8-bit alpha, a2u-evaluate's number.
+  config.validation.sad_rule = "authors"
   config.validation.batch_size = 1  # per host; rounded up to a multiple of the devices
+  config.eval_every = -1  # steps between validations; -1: every epoch (steps_per_epoch)
 
   config.log_every = 50
   config.image_summary_every = 1000
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
-  config.eval_every = 6000
   # Multi-host runs where JAX detects the cluster (SLURM, Open MPI, TPU pods, Kubernetes);
   # train.py's --coordinator_address/--num_processes/--process_id for an explicit one.
   config.distributed = False

@@ -190,3 +190,123 @@ def test_indexnet_running_statistics_follow_pytorchs_rule_across_devices(index):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(after["var"], 0.9 * before["var"] + 0.1 * values.var(0, ddof=1),
                                rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _authors_validation_sad(output, gt_file_values, trimap):
+  """The authors' trainval.py validate() and utils.compute_sad_loss for one image, as they
+  run them (NumPy/OpenCV, float32): `output` is the network's cropped float32 output."""
+  cv2 = _cv2()
+  alpha = np.clip(output, 0, 1) * 255.
+  trimap = trimap.astype("float32")
+  mask = np.equal(trimap, 128).astype(np.float32)
+  alpha = (1 - mask) * trimap + mask * alpha
+  gt_alpha = (gt_file_values.astype(np.float32) / 255.) * 255.
+  cv2.normalize(alpha, alpha, 0.0, 255.0, cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+  cv2.normalize(gt_alpha, gt_alpha, 0.0, 255.0, cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+  error_map = np.abs(alpha - gt_alpha) / 255.
+  return float(np.sum(error_map * mask) / 1000)
+
+
+def _validation_cases(rng):
+  """(network output, ground truth, trimap): an ordinary image; one whose ground truth
+  never reaches 255 (the authors' stretch rescales it); one whose trimap has no definite
+  foreground (the prediction is stretched too); one with a constant ground truth."""
+  cases = []
+  for top, trimap_values in ((255, (0, 128, 255)), (200, (0, 128, 255)), (255, (0, 128)),
+                             (0, (0, 128))):
+    shape = (24, 30)  # one padded shape: evaluation batches keep the items' order
+    trimap = rng.choice(np.array(trimap_values, np.uint8), shape)
+    gt = rng.integers(0, top + 1, shape).astype(np.uint8)
+    output = rng.normal(0.5, 0.4, shape).astype(np.float32)
+    cases.append((output, gt, trimap))
+  return cases
+
+
+def test_authors_sad_rule_is_their_validation_sad_bit_for_bit():
+  cv2 = _cv2()
+  from a2u_jax import inputs, sad_rules
+
+  rng = np.random.default_rng(0)
+  for _ in range(20):  # OpenCV's normalize on arbitrary float32 ranges
+    values = rng.uniform(*sorted(rng.uniform(-5, 300, 2)), (17, 23)).astype(np.float32)
+    expected = cv2.normalize(values, None, 0.0, 255.0, cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    np.testing.assert_array_equal(sad_rules.normalize_minmax(values), expected)
+  for output, gt, trimap in _validation_cases(rng):
+    alpha = np.asarray(inputs.postprocess_alpha(output[..., None], trimap[..., None]))[..., 0]
+    assert sad_rules.authors_sad(alpha, gt, trimap) == _authors_validation_sad(output, gt,
+                                                                               trimap)
+
+
+class _FixedPredictor:
+  """Stands in for predict.Predictor: the post-processed alphas of given network outputs."""
+
+  def __init__(self, outputs):
+    from types import SimpleNamespace
+
+    self.runtime = SimpleNamespace(local_devices=1)
+    self.outputs = iter(outputs)
+
+  def __call__(self, image, trimap):
+    from a2u_jax import inputs
+
+    output = next(self.outputs)
+    padded = np.zeros(trimap.shape, np.float32)
+    padded[0, :output.shape[0], :output.shape[1], 0] = output
+    return np.asarray(inputs.postprocess_alpha(padded, trimap))
+
+
+def test_validation_chooses_by_the_configured_rule_and_the_paper_config_is_the_authors():
+  from a2u_jax import inputs, metrics
+  from a2u_jax.training import loop
+  from configs import a2u_matting, smoke
+  from data_pipeline import evaluation
+
+  cases = _validation_cases(np.random.default_rng(1))
+  items = [evaluation.array_item(f"case{i}", np.zeros(gt.shape + (3,), np.uint8), trimap, gt)
+           for i, (_, gt, trimap) in enumerate(cases)]
+  outputs = [output for output, _, _ in cases]
+  authors = loop.validate(_FixedPredictor(outputs), items, 1, "authors")
+  matlab = loop.validate(_FixedPredictor(outputs), items, 1, "matlab")
+  assert authors["sad"] == np.mean([_authors_validation_sad(*case) for case in cases])
+  saved = [inputs.quantize_alpha(np.asarray(inputs.postprocess_alpha(
+      output[..., None], trimap[..., None]))[..., 0]) for output, _, trimap in cases]
+  assert matlab["sad"] == np.mean([metrics.sad(alpha, gt, trimap)
+                                   for alpha, (_, gt, trimap) in zip(saved, cases)])
+  assert authors["sad"] != matlab["sad"] and authors["mse"] == matlab["mse"]
+
+  paper = a2u_matting.get_config()
+  assert paper.validation.sad_rule == "authors"
+  # Every epoch: 6000 iterations, the authors' epoch, and it follows steps_per_epoch.
+  assert loop._validation_interval(paper) == paper.steps_per_epoch == 6000
+  paper.steps_per_epoch = 7
+  assert loop._validation_interval(paper) == 7
+  assert loop._validation_interval(smoke.get_config()) == 10
+
+
+def test_composition1k_validation_reads_its_folder_or_tfds_set(tmp_path):
+  from a2u_jax.training import loop
+  from configs import a2u_matting
+
+  config = a2u_matting.get_config()
+  config.validation.source = "composition1k"
+  with pytest.raises(ValueError, match="needs config.validation.data_dir"):
+    loop._validation_items(config)
+  rng = np.random.default_rng(2)
+  for folder in ("image", "trimap", "alpha"):
+    (tmp_path / "comp1k" / folder).mkdir(parents=True)
+    for name in ("a", "b"):
+      values = rng.choice(np.array([0, 128, 255], np.uint8), (16, 24))
+      Image.fromarray(np.dstack([values] * 3) if folder == "image" else values).save(
+          tmp_path / "comp1k" / folder / f"{name}.png")
+  config.validation.data_dir = str(tmp_path / "comp1k")
+  assert [item.name for item in loop._validation_items(config)] == ["a", "b"]
+  config.validation.data_dir = str(tmp_path / "tfds")  # not a folder set: the TFDS builder
+  pytest.importorskip("tensorflow_datasets", reason="the TFDS builders (the train extra)")
+  with pytest.raises(ValueError, match="composition1k is not prepared in"):
+    loop._validation_items(config)
+  config.validation.sad_rule = "nope"
+  with pytest.raises(ValueError, match="config.validation.sad_rule must be one of"):
+    loop._validation_items(config)

@@ -33,8 +33,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from a2u_jax import checkpointing, distributed, evaluate as evaluation
-from a2u_jax import metrics as matting_metrics, models, parallel, predict
+from a2u_jax import checkpointing, distributed, inputs
+from a2u_jax import metrics as matting_metrics, models, parallel, predict, sad_rules
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 from data_pipeline.files import NETWORK_STRIDE
@@ -205,16 +205,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _validation_items(config: ml_collections.ConfigDict):
+  """The validation set named by config.validation (its rule checked too, before training).
+
+  "composition1k" reads config.validation.data_dir: a folder with image/ and trimap/ (and
+  alpha/) subfolders, or else the TFDS data_dir of the prepared builder."""
   import data_pipeline
 
+  validation = config.validation
+  if validation.sad_rule not in sad_rules.SAD_RULES:
+    raise ValueError(f"config.validation.sad_rule must be one of "
+                     f"{', '.join(sad_rules.SAD_RULES)}, got {validation.sad_rule!r}")
   readers = {"synthetic": data_pipeline.synthetic_items,
              "alphamatting": data_pipeline.alphamatting_items,
              "folder": data_pipeline.folder_items,
              "tfds": data_pipeline.tfds_items}
-  if config.validation.source not in readers:
-    raise ValueError(f"config.validation.source must be one of {', '.join(readers)}, got "
-                     f"{config.validation.source!r}")
-  return readers[config.validation.source](**config.validation.options)
+  if validation.source == "composition1k":
+    if not validation.data_dir:
+      raise ValueError("config.validation.source='composition1k' needs "
+                       "config.validation.data_dir: the TFDS data_dir where "
+                       "data_pipeline.tfds_builders.prepare('composition1k', ...) wrote the "
+                       "test set, or a folder with image/, trimap/ and alpha/")
+    root = pathlib.Path(validation.data_dir).expanduser()
+    if (root / "image").is_dir() and (root / "trimap").is_dir():
+      return data_pipeline.folder_items(root)
+    return data_pipeline.tfds_items("composition1k", str(root))
+  if validation.source not in readers:
+    raise ValueError(f"config.validation.source must be one of composition1k, "
+                     f"{', '.join(readers)}, got {validation.source!r}")
+  return readers[validation.source](**validation.options)
+
+
+def _validation_interval(config: ml_collections.ConfigDict) -> int:
+  """Steps between validations: config.eval_every, or steps_per_epoch (every epoch, as the
+  authors validate) where it is -1; 0 turns validation off."""
+  every = config.eval_every
+  if not isinstance(every, int) or isinstance(every, bool) or every < -1:
+    raise ValueError(f"config.eval_every must be >= 0 (0: no validation), or -1 for every "
+                     f"epoch (config.steps_per_epoch), got {every!r}")
+  return config.steps_per_epoch if every == -1 else every
 
 
 def _source_options(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -387,31 +415,50 @@ class _Logger:
       self.writer.flush()
 
 
-def validate(predictor: predict.Predictor, items, batch_size: int) -> dict[str, float]:
-  """Mean SAD and MSE (the papers' units) over evaluation items.
+def validate(predictor: predict.Predictor, items, batch_size: int, sad_rule: str
+             ) -> dict[str, float]:
+  """Mean SAD and MSE (the papers' units) over evaluation items with ground truth.
+
+  The SAD follows `sad_rule` (a name in `sad_rules.SAD_RULES`: "authors", their training's
+  validation SAD of the float alpha, or "matlab", the published SAD of the saved 8-bit
+  alpha); it is what chooses best_model/. The MSE is the published one (8-bit alpha).
 
   Every process of a multi-host run takes its slice of each global batch
   (`eval_batches`' shards), predicts it with `predictor` (over every process's devices,
   called by all together) and scores its images; the scores are gathered, so every
-  process returns the same means.
+  process returns the same means (or raises the same error).
   """
   import data_pipeline
 
+  sad = sad_rules.SAD_RULES[sad_rule]
   local = predictor.runtime.local_devices
   batch_size = -(-batch_size // local) * local
-  scores = []  # per batch slot: (sad, mse, is a real image)
+  scores = []  # per batch slot: (sad, mse, 1 a real image | 0 a filler | -1 no alpha)
+  unscored = []
   for batch in data_pipeline.eval_batches(items, batch_size=batch_size,
                                           shard_index=jax.process_index(),
                                           num_shards=jax.process_count()):
-    predictions = evaluation.valid_predictions(batch, predictor(batch["image"],
-                                                                batch["trimap"]))
-    rows = [(matting_metrics.sad(pred, gt, tri), matting_metrics.mse(pred, gt, tri), 1.0)
-            for _, pred, gt, tri in predictions]
+    alphas = predictor(batch["image"], batch["trimap"])
+    rows = []
+    for i in np.flatnonzero(batch["valid"]):
+      if not batch["has_alpha"][i]:
+        unscored.append(batch["name"][i])
+        rows.append((0.0, 0.0, -1.0))
+        continue
+      h, w = int(batch["height"][i]), int(batch["width"][i])
+      alpha, gt, trimap = (alphas[i, :h, :w, 0], batch["alpha"][i, :h, :w, 0],
+                           batch["trimap"][i, :h, :w, 0])
+      rows.append((sad(alpha, gt, trimap),
+                   matting_metrics.mse(inputs.quantize_alpha(alpha), gt, trimap), 1.0))
     scores += rows + [(0.0, 0.0, 0.0)] * (batch_size - len(rows))
   gathered = distributed.allgather(np.array(scores, np.float64).reshape(-1, 3))
-  sad, mse, real = gathered.reshape(-1, 3).T
-  real = real == 1.0
-  return {"sad": float(np.mean(sad[real])), "mse": float(np.nanmean(mse[real]))}
+  sad_values, mse, kind = gathered.reshape(-1, 3).T
+  if (kind == -1).any():  # raised by every process, after the collective
+    example = f", e.g. {unscored[0]}" if unscored else ""
+    raise ValueError(f"{int((kind == -1).sum())} validation image(s) have no ground-truth "
+                     f"alpha{example}; validation scores every image")
+  real = kind == 1.0
+  return {"sad": float(np.mean(sad_values[real])), "mse": float(np.nanmean(mse[real]))}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -426,7 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   # Building the source validates the data (folders, pairs, sizes) before anything slow.
   source = _training_source(config)
-  items = _validation_items(config) if config.eval_every > 0 else []
+  eval_every = _validation_interval(config)
+  items = _validation_items(config) if eval_every else []
   workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir}: exists and is not a folder")
@@ -488,8 +536,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         step += 1
         pending.add(step, step_metrics)
         first = step == start_step + 1
-        validating = config.eval_every > 0 and (step % config.eval_every == 0
-                                                or step == total_steps)
+        validating = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
         checkpointing_now = step % config.checkpoint_every == 0 or step == total_steps
         summarising = bool(config.image_summary_every) and (
             step % config.image_summary_every == 0)
@@ -515,7 +562,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         # the checkpoint resumes past this step and would not log it again.
         if validating:
           started = time.perf_counter()
-          values = validate(predictor(device_state), items, config.validation.batch_size)
+          values = validate(predictor(device_state), items, config.validation.batch_size,
+                            config.validation.sad_rule)
           spent["validation"] += time.perf_counter() - started
           logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
           last.update({f"validation/{k}": v for k, v in values.items()})
@@ -525,6 +573,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if checkpointing_now:
           _save(latest, host_state, config)
         if validating:
+          # best/ keeps the lowest validation SAD (by config.validation.sad_rule); on a tie
+          # the later step wins, as the authors' `<=`. Unlike them, the first validation
+          # counts too (their model_best.pth is first written after the second epoch).
           _save(best, host_state, config, metrics=values)
           if lead and best.best_step() == step:  # a model checkpoint, for predict/evaluate
             _save_model(workdir / BEST_MODEL_DIR, host_state, config)
