@@ -2,6 +2,9 @@
 
   python -m a2u_jax.predict --checkpoint DIR --image photo.png --trimap trimap.png [--out DIR]
   python -m a2u_jax.predict --checkpoint DIR --image photos/ --trimap trimaps/ --out DIR
+  python -m a2u_jax.predict --exported FILE --image photo.png --trimap trimap.png
+
+--exported runs an artifact of a2u-export (`a2u_jax.export`) instead of a checkpoint.
 
 Writes NAME_alpha.png (same size as the input; 8-bit, alpha * 255 truncated as the authors
 save it, so it equals `a2u_jax.evaluate`'s output) and NAME_preview.png (input | trimap |
@@ -22,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from a2u_jax import checkpointing, inputs, parallel
+from a2u_jax import checkpointing, export, inputs, parallel
 from data_pipeline import evaluation, files
 
 TRIMAP_VALUES = np.array([0, 128, 255])
@@ -67,6 +70,11 @@ class Predictor:
   def compilations(self) -> int:
     return self._traces[0]
 
+  @property
+  def rows(self) -> int:
+    """Images per call that fill this process's devices (a call takes multiples of it)."""
+    return self.runtime.local_devices
+
   def __call__(self, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
     count = self.runtime.local_devices
     if image.shape[0] % count:
@@ -76,7 +84,24 @@ class Predictor:
                                                  batch["trimap"]))
 
 
-def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
+class ExportedPredictor:
+  """`Predictor`'s call and result from an a2u-export artifact (`export.load_exported`),
+  without the model code: image float32 (B, H, W, 3) in [0, 1] and trimap uint8
+  (B, H, W, 1), H and W multiples of 16 -> float32 alphas (B, H, W, 1) on the host. It runs
+  on JAX's default device (one of the platforms it was lowered for); each input shape
+  compiles once."""
+
+  rows = 1
+
+  def __init__(self, path: str | pathlib.Path):
+    self.exported, self.description = export.load_exported(path)
+
+  def __call__(self, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
+    return np.asarray(self.exported.call(image, trimap))
+
+
+def predict_alpha(predictor: Predictor | ExportedPredictor, image: np.ndarray,
+                  trimap: np.ndarray) -> np.ndarray:
   """Alpha in [0, 1], (H, W) float32, by the authors' evaluation procedure.
 
   image: (H, W, 3) uint8 RGB; trimap: (H, W) uint8 in {0, 128, 255}. The input is
@@ -88,8 +113,8 @@ def predict_alpha(predictor: Predictor, image: np.ndarray, trimap: np.ndarray) -
   pad = ((0, padded_h - height), (0, padded_w - width))
   image = np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="reflect")
   trimap = np.pad(trimap, pad, mode="reflect")[..., None]
-  batch = predictor.runtime.local_devices
-  alpha = predictor(np.repeat(image[None], batch, 0), np.repeat(trimap[None], batch, 0))
+  alpha = predictor(np.repeat(image[None], predictor.rows, 0),
+                    np.repeat(trimap[None], predictor.rows, 0))
   return alpha[0, :height, :width, 0]
 
 
@@ -162,9 +187,13 @@ def write_png(path: pathlib.Path, array: np.ndarray,
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
-                      help="model checkpoint folder (train.py's WORKDIR/model, or "
-                           "python -m a2u_jax.convert's output)")
+  model = parser.add_mutually_exclusive_group(required=True)
+  model.add_argument("--checkpoint", type=pathlib.Path,
+                     help="model checkpoint folder (train.py's WORKDIR/model, or "
+                          "python -m a2u_jax.convert's output)")
+  model.add_argument("--exported", type=pathlib.Path,
+                     help="an artifact of a2u-export (FILE, with FILE.json beside it), run "
+                          "without the model code")
   parser.add_argument("--image", required=True, type=pathlib.Path, help="file or folder")
   parser.add_argument("--trimap", required=True, type=pathlib.Path, help="file or folder")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("predictions"))
@@ -174,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.exists() and not args.out.is_dir():
       raise ValueError(f"--out {args.out}: exists and is not a folder")
     pairs = _pairs(args.image, args.trimap)
-    predictor = Predictor(*checkpointing.load_model_checkpoint(args.checkpoint))
+    predictor = (ExportedPredictor(args.exported) if args.exported else
+                 Predictor(*checkpointing.load_model_checkpoint(args.checkpoint)))
     args.out.mkdir(parents=True, exist_ok=True)
     protected = {p.resolve() for pair in pairs for p in pair}
     told_about_alpha = False

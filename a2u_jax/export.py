@@ -1,0 +1,252 @@
+"""A model checkpoint as a serialized `jax.export` artifact, for serving (a2u-export).
+
+    python -m a2u_jax.export --checkpoint runs/a2u/model --out serving/a2u.jaxexport
+
+The artifact is the eval-mode network with its weights as constants, between the input
+encoding and the output decoding of `a2u_jax.inputs`, lowered to StableHLO with a symbolic
+batch, height and width (`jax.export`, shape polymorphism):
+
+    image   float32 (B, H, W, 3), RGB in [0, 1] (8-bit values / 255), NHWC
+    trimap  uint8   (B, H, W, 1), 0 (background), 128 (unknown) or 255 (foreground)
+    ->
+    alpha   float32 (B, H, W, 1) in [0, 1]; 0 where the trimap is 0, 1 where it is 255
+
+with H and W multiples of 16 (the caller pads, as `a2u_jax.predict` does: reflect-pad the
+bottom and right, crop the alpha back). It is `predict.Predictor`'s computation, so
+another JAX program runs it with ``jax.export.deserialize(data).call(image, trimap)``
+without this code, Flax or the checkpoint; ``a2u-predict --exported FILE`` does. Beside it,
+FILE.json describes it: the inputs and output, the platforms it was lowered for, the model
+options and checkpoint it came from, and the artifact's SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from a2u_jax import checkpointing, inputs, ops, resamplers
+from data_pipeline.files import NETWORK_STRIDE
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+# The description's layout; `load_exported` refuses other versions.
+FORMAT_VERSION = 1
+
+
+def description_path(path: str | os.PathLike) -> pathlib.Path:
+  """Where the JSON description of the artifact at `path` lies: FILE.json beside FILE."""
+  path = pathlib.Path(path)
+  return path.with_name(path.name + ".json")
+
+
+# ----------------------------------------------------------- shape-polymorphic pooling
+
+
+def _pool_matrix(size, bins: int, dtype) -> jax.Array:
+  """`ops.adaptive_avg_pool_matrix(size, bins)` as a traced (bins, size) array of `dtype`,
+  so `size` may be a symbolic dimension: the same bins (i*size // bins up to
+  ceil((i+1)*size / bins)) and the same weights (the reciprocal bin size, rounded once to
+  `dtype`)."""
+  i = jnp.arange(bins)[:, None]
+  start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
+  position = lax.broadcasted_iota(jnp.int32, (bins, size), 1)
+  inside = (position >= start) & (position < stop)
+  return jnp.where(inside, 1.0 / (stop - start), 0.0).astype(dtype)
+
+
+def _symbolic_adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+  """`ops.adaptive_avg_pool` (N, H, W, C) -> (N, bins, bins, C) for symbolic H and W."""
+  rows, cols = _pool_matrix(x.shape[1], bins, x.dtype), _pool_matrix(x.shape[2], bins, x.dtype)
+  pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x, precision=lax.Precision.HIGHEST)
+  return jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)
+
+
+_TRACING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pooling_for_symbolic_shapes():
+  """While the network is traced for export, A2U's generators pool through
+  `_symbolic_adaptive_avg_pool`: `ops.adaptive_avg_pool` builds its averaging matrices in
+  NumPy, which needs the height and width as numbers. The two give the same numbers for
+  every size (tests/test_export.py), so a trace elsewhere meanwhile is not changed."""
+  with _TRACING:
+    original = ops.adaptive_avg_pool
+    ops.adaptive_avg_pool = _symbolic_adaptive_avg_pool
+    try:
+      yield
+    finally:
+      ops.adaptive_avg_pool = original
+
+
+# -------------------------------------------------------------------------- export
+
+
+def serving_function(model, variables: Mapping[str, Any]) -> Callable:
+  """(image, trimap) -> alpha, the computation the artifact holds (`predict.Predictor`'s,
+  with `variables` as constants); shapes and dtypes as in the module docstring."""
+  def alpha(image: jax.Array, trimap: jax.Array) -> jax.Array:
+    prediction = model.apply(variables, inputs.model_inputs(image, trimap), train=False)
+    return inputs.postprocess_alpha(prediction, trimap)
+
+  return alpha
+
+
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+  """`platforms` as a tuple, or ValueError naming those not in `PLATFORMS`."""
+  unknown = sorted(set(platforms) - set(PLATFORMS))
+  if unknown or not platforms:
+    raise ValueError(f"platforms: {', '.join(unknown) or 'none given'}; choose from "
+                     f"{', '.join(PLATFORMS)}")
+  return tuple(platforms)
+
+
+def export_model(model, variables: Mapping[str, Any],
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
+  """`serving_function(model, variables)` lowered for `platforms` (any of `PLATFORMS`;
+  lowering needs none of their devices) with batch, height and width symbolic: inputs
+  (batch, 16*h, 16*w, 3) float32 and (batch, 16*h, 16*w, 1) uint8."""
+  platforms = check_platforms(platforms)
+  batch, h, w = jax.export.symbolic_shape("batch, h, w")
+  height, width = NETWORK_STRIDE * h, NETWORK_STRIDE * w
+  specs = (jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32),
+           jax.ShapeDtypeStruct((batch, height, width, 1), jnp.uint8))
+  with _pooling_for_symbolic_shapes():
+    return jax.export.export(jax.jit(serving_function(model, variables)),
+                             platforms=platforms)(*specs)
+
+
+def _model_options(model) -> dict[str, Any]:
+  """The network's attributes (what `models.build_model` takes), as JSON values."""
+  options = {name: getattr(model, name) for name in resamplers.module_attributes(type(model))}
+  return json.loads(json.dumps(options, default=lambda v: dict(v) if isinstance(v, Mapping)
+                               else str(v)))
+
+
+def describe(exported: jax.export.Exported, model, checkpoint: str | os.PathLike
+             ) -> dict[str, Any]:
+  """The JSON description of an artifact of `export_model` (without the file's name and
+  digest, which `save_exported` adds)."""
+  image, trimap, alpha = (tuple(str(d) for d in aval.shape)
+                          for aval in exported.in_avals + exported.out_avals)
+  return {
+      "format_version": FORMAT_VERSION,
+      "jax_version": jax.__version__,
+      "calling_convention_version": exported.calling_convention_version,
+      "platforms": list(exported.platforms),
+      "inputs": [
+          {"name": "image", "shape": image, "dtype": "float32", "range": [0.0, 1.0],
+           "layout": "NHWC RGB, 8-bit values / 255"},
+          {"name": "trimap", "shape": trimap, "dtype": "uint8", "values": [0, 128, 255],
+           "layout": "NHWC; 0 background, 128 unknown, 255 foreground"}],
+      "output": {"name": "alpha", "shape": alpha, "dtype": "float32",
+                 "range": [0.0, 1.0],
+                 "layout": "NHWC; clipped, 0 where the trimap is 0 and 1 where it is 255"},
+      "height_width_multiple": NETWORK_STRIDE,
+      "padding": (f"reflect-pad image and trimap at the bottom and right to multiples of "
+                  f"{NETWORK_STRIDE}, crop the alpha back"),
+      "model": _model_options(model),
+      "checkpoint": str(pathlib.Path(checkpoint).absolute()),
+  }
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Writes through a temporary sibling and a rename: `path` is never half-written."""
+  handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  try:
+    with os.fdopen(handle, "wb") as file:
+      file.write(data)
+    os.replace(staging, path)
+  except BaseException:
+    pathlib.Path(staging).unlink(missing_ok=True)
+    raise
+
+
+def _refuse_to_overwrite(path: pathlib.Path, force: bool) -> None:
+  existing = [str(p) for p in (path, description_path(path)) if p.exists()]
+  if existing and not force:
+    raise FileExistsError(f"{' and '.join(existing)} {'exist' if existing[1:] else 'exists'}; "
+                          f"pass force=True (--force) to replace")
+
+
+def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
+                  description: dict[str, Any], *, force: bool = False) -> pathlib.Path:
+  """Writes the serialized artifact to `path` and its description (with the file's name
+  and SHA-256) to `description_path(path)`, each atomically. Existing files are refused
+  unless `force`. A crash between the two leaves a pair that `load_exported` refuses (a
+  missing description, or one whose digest differs)."""
+  path = pathlib.Path(path).absolute()
+  _refuse_to_overwrite(path, force)
+  data = bytes(exported.serialize())
+  description = {**description, "artifact": path.name,
+                 "sha256": hashlib.sha256(data).hexdigest()}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_atomically(path, data)
+  _write_atomically(description_path(path), (json.dumps(description, indent=2) + "\n").encode())
+  return path
+
+
+def load_exported(path: str | os.PathLike) -> tuple[jax.export.Exported, dict[str, Any]]:
+  """(artifact, description) of a file written by `save_exported`, after checking that
+  the description is one this version reads and that it belongs to the file."""
+  path = pathlib.Path(path)
+  json_path = description_path(path)
+  for needed in (path, json_path):
+    if not needed.is_file():
+      raise FileNotFoundError(f"{needed}: not found (a2u-export writes {path.name} and "
+                              f"{json_path.name} side by side)")
+  try:
+    description = json.loads(json_path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{json_path}: not valid JSON ({error})") from None
+  if description.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{json_path}: format_version {description.get('format_version')!r} is "
+                     f"not one this a2u-jax reads ({FORMAT_VERSION}); export the model again")
+  data = path.read_bytes()
+  if hashlib.sha256(data).hexdigest() != description.get("sha256"):
+    raise ValueError(f"{path}: its SHA-256 is not the one {json_path.name} records (a "
+                     f"different or interrupted export); export the model again")
+  return jax.export.deserialize(bytearray(data)), description
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
+                      help="model checkpoint folder (train.py's WORKDIR/model or best_model, "
+                           "or a2u-convert's output)")
+  parser.add_argument("--out", required=True, type=pathlib.Path,
+                      help="the artifact to write; its description goes to OUT.json")
+  parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
+                      help=f"comma-separated platforms to lower for, of {', '.join(PLATFORMS)} "
+                           f"(default: %(default)s); none of their devices is needed")
+  parser.add_argument("--force", action="store_true", help="replace an existing --out")
+  args = parser.parse_args(argv)
+  try:
+    platforms = check_platforms([p.strip() for p in args.platforms.split(",") if p.strip()])
+    if args.out.is_dir():
+      raise ValueError(f"--out {args.out}: is a folder; give the artifact's file name")
+    _refuse_to_overwrite(args.out, args.force)  # before the minutes of work, not after
+    model, variables = checkpointing.load_model_checkpoint(args.checkpoint)
+    exported = export_model(model, variables, platforms)
+    out = save_exported(args.out, exported, describe(exported, model, args.checkpoint),
+                        force=args.force)
+  except (ValueError, FileNotFoundError, FileExistsError) as error:
+    sys.exit(f"error: {error}")
+  print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, for {', '.join(platforms)}) and "
+        f"{description_path(out).name}")
+
+
+if __name__ == "__main__":
+  main()
