@@ -1,7 +1,7 @@
-"""The core install: what works without TensorFlow, TFDS, OpenCV and TensorBoard.
+"""The core install: what works without TensorFlow, TFDS, OpenCV, TensorBoard and PyTorch.
 
 Each check runs in a subprocess whose PYTHONPATH starts with stand-in packages for those
-four that raise ImportError, as if they were not installed.
+five that raise ImportError, as if they were not installed.
 """
 
 import json
@@ -17,13 +17,15 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_EXTRA = ("tensorflow", "tensorflow_datasets", "cv2", "tensorboard")
+# PyTorch is only the benchmarks' extra: a2u-convert reads .pth files without it.
+OPTIONAL = TRAIN_EXTRA + ("torch",)
 
 
 @pytest.fixture(scope="module")
 def without_tensorflow(tmp_path_factory) -> dict[str, str]:
-  """An environment in which the `train` extra's packages cannot be imported."""
+  """An environment in which the `train` extra's packages and PyTorch cannot be imported."""
   blocked = tmp_path_factory.mktemp("blocked")
-  for name in TRAIN_EXTRA:
+  for name in OPTIONAL:
     (blocked / name).mkdir()
     (blocked / name / "__init__.py").write_text(
         f"raise ImportError('{name} is blocked: this test runs the core install')\n")
@@ -40,17 +42,18 @@ def _python(env, code: str, *args, timeout=600, cwd=None) -> subprocess.Complete
 
 
 def test_the_stand_ins_really_block(without_tensorflow):
-  process = subprocess.run([sys.executable, "-c", "import tensorflow"],
-                           env=without_tensorflow, capture_output=True, text=True)
-  assert process.returncode != 0 and "blocked" in process.stderr
+  for name in ("tensorflow", "torch"):
+    process = subprocess.run([sys.executable, "-c", f"import {name}"],
+                             env=without_tensorflow, capture_output=True, text=True)
+    assert process.returncode != 0 and "blocked" in process.stderr
 
 
 def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
   out = _python(without_tensorflow, """
       import json, sys
       import jax, jax.numpy as jnp, numpy as np
-      from a2u_jax import (checkpointing, convert, evaluate, inputs, layers, losses,
-                           metrics, models, ops, predict, resamplers)
+      from a2u_jax import (checkpointing, convert, evaluate, export, inputs, layers, losses,
+                           metrics, models, ops, predict, pth, resamplers)
       from a2u_jax.training import loop, state, steps
       import data_pipeline
       from data_pipeline import evaluation, synthetic_stream, trimaps
@@ -75,7 +78,7 @@ def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
       print(json.dumps({
           "loaded": sorted(m for m in sys.modules
                            if m.split(".")[0] in ("tensorflow", "tensorflow_datasets",
-                                                  "cv2", "tensorboard")),
+                                                  "cv2", "tensorboard", "torch")),
           "shapes": [list(y.shape), list(kernels.shape), list(z.shape)],
           "items": len(items), "batch": {k: list(v.shape) for k, v in batch.items()},
           "errors": errors}))
@@ -88,6 +91,30 @@ def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
   assert set(result["errors"]) == {"build_source", "train_batches", "tfds_items"}
   for message in result["errors"].values():
     assert "pip install 'a2u-jax[train]'" in message
+
+
+def test_convert_a_pth_export_and_predict_without_torch_or_tensorflow(without_tensorflow,
+                                                                       tmp_path):
+  from tests import pth_writer
+  from tests.conftest import random_torch_state_dict
+
+  # The authors' release format: PyTorch 1.3.1 wrote the legacy format.
+  source = pth_writer.write_pth(tmp_path / "model_best.pth", random_torch_state_dict("share"),
+                                legacy=True)
+  convert = _python(without_tensorflow, None, "-m", "a2u_jax.convert", "--torch", str(source),
+                    "--out", str(tmp_path / "model"))
+  assert "share A2U matting network" in convert.stdout
+  artifact = tmp_path / "serving" / "a2u.jaxexport"
+  _python(without_tensorflow, None, "-m", "a2u_jax.export", "--checkpoint",
+          str(tmp_path / "model"), "--out", str(artifact), "--platforms", "cpu")
+  assert json.loads((tmp_path / "serving" / "a2u.jaxexport.json").read_text())["platforms"] == [
+      "cpu"]
+  _write_pair(tmp_path / "photos", "cat")
+  _python(without_tensorflow, None, "-m", "a2u_jax.predict", "--exported", str(artifact),
+          "--image", str(tmp_path / "photos" / "image" / "cat.png"), "--trimap",
+          str(tmp_path / "photos" / "trimap" / "cat.png"), "--out", str(tmp_path / "out"))
+  alpha = np.asarray(Image.open(tmp_path / "out" / "cat_alpha.png"))
+  assert alpha.shape == (40, 36) and (alpha[-8:] == 255).all()
 
 
 def test_real_sources_through_tf_say_they_need_the_extra(without_tensorflow, tmp_path):
