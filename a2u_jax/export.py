@@ -57,7 +57,7 @@ def description_path(path: str | os.PathLike) -> pathlib.Path:
 def _pool_matrix(size, bins: int, dtype) -> jax.Array:
   """`ops.adaptive_avg_pool_matrix(size, bins)` as a traced (bins, size) array of `dtype`,
   so `size` may be a symbolic dimension: the same bins (i*size // bins up to
-  ceil((i+1)*size / bins)) and the same weights (the reciprocal bin size, rounded once to
+  ceil((i+1)*size / bins)) and the same weights (the reciprocal of the bin's size in
   `dtype`)."""
   i = jnp.arange(bins)[:, None]
   start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
@@ -80,8 +80,9 @@ _TRACING = threading.Lock()
 def _pooling_for_symbolic_shapes():
   """While the network is traced for export, A2U's generators pool through
   `_symbolic_adaptive_avg_pool`: `ops.adaptive_avg_pool` builds its averaging matrices in
-  NumPy, which needs the height and width as numbers. The two give the same numbers for
-  every size (tests/test_export.py), so a trace elsewhere meanwhile is not changed."""
+  NumPy, which needs the height and width as numbers. The two give the same numbers
+  (tests/test_export.py compares them from 1 to 250 rows), so a trace in another thread
+  meanwhile computes what it would have."""
   with _TRACING:
     original = ops.adaptive_avg_pool
     ops.adaptive_avg_pool = _symbolic_adaptive_avg_pool
@@ -139,7 +140,7 @@ def describe(exported: jax.export.Exported, model, checkpoint: str | os.PathLike
              ) -> dict[str, Any]:
   """The JSON description of an artifact of `export_model` (without the file's name and
   digest, which `save_exported` adds)."""
-  image, trimap, alpha = (tuple(str(d) for d in aval.shape)
+  image, trimap, alpha = ({"shape": [str(d) for d in aval.shape], "dtype": str(aval.dtype)}
                           for aval in exported.in_avals + exported.out_avals)
   return {
       "format_version": FORMAT_VERSION,
@@ -147,12 +148,11 @@ def describe(exported: jax.export.Exported, model, checkpoint: str | os.PathLike
       "calling_convention_version": exported.calling_convention_version,
       "platforms": list(exported.platforms),
       "inputs": [
-          {"name": "image", "shape": image, "dtype": "float32", "range": [0.0, 1.0],
+          {"name": "image", **image, "range": [0.0, 1.0],
            "layout": "NHWC RGB, 8-bit values / 255"},
-          {"name": "trimap", "shape": trimap, "dtype": "uint8", "values": [0, 128, 255],
+          {"name": "trimap", **trimap, "values": [0, 128, 255],
            "layout": "NHWC; 0 background, 128 unknown, 255 foreground"}],
-      "output": {"name": "alpha", "shape": alpha, "dtype": "float32",
-                 "range": [0.0, 1.0],
+      "output": {"name": "alpha", **alpha, "range": [0.0, 1.0],
                  "layout": "NHWC; clipped, 0 where the trimap is 0 and 1 where it is 255"},
       "height_width_multiple": NETWORK_STRIDE,
       "padding": (f"reflect-pad image and trimap at the bottom and right to multiples of "
@@ -211,9 +211,10 @@ def load_exported(path: str | os.PathLike) -> tuple[jax.export.Exported, dict[st
     description = json.loads(json_path.read_text())
   except json.JSONDecodeError as error:
     raise ValueError(f"{json_path}: not valid JSON ({error})") from None
-  if description.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{json_path}: format_version {description.get('format_version')!r} is "
-                     f"not one this a2u-jax reads ({FORMAT_VERSION}); export the model again")
+  version = description.get("format_version") if isinstance(description, dict) else None
+  if version != FORMAT_VERSION:
+    raise ValueError(f"{json_path}: format_version {version!r} is not one this a2u-jax reads "
+                     f"({FORMAT_VERSION}); export the model again")
   data = path.read_bytes()
   if hashlib.sha256(data).hexdigest() != description.get("sha256"):
     raise ValueError(f"{path}: its SHA-256 is not the one {json_path.name} records (a "
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     platforms = check_platforms([p.strip() for p in args.platforms.split(",") if p.strip()])
     if args.out.is_dir():
       raise ValueError(f"--out {args.out}: is a folder; give the artifact's file name")
-    _refuse_to_overwrite(args.out, args.force)  # before the minutes of work, not after
+    _refuse_to_overwrite(args.out, args.force)  # before loading and lowering the network
     model, variables = checkpointing.load_model_checkpoint(args.checkpoint)
     exported = export_model(model, variables, platforms)
     out = save_exported(args.out, exported, describe(exported, model, args.checkpoint),

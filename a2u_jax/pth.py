@@ -40,7 +40,7 @@ import struct
 import zipfile
 from typing import Any, BinaryIO, Callable
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 # torch/serialization.py's MAGIC_NUMBER and PROTOCOL_VERSION (the legacy format's first two
@@ -52,7 +52,7 @@ LEGACY_PROTOCOL = 1001
 # little-endian unless a zip's byteorder record says big).
 STORAGE_DTYPES = {
     "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(jnp.bfloat16),
     "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
     "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
     "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
@@ -220,6 +220,11 @@ class _Unpickler(pickle.Unpickler):
       return _StorageType(name)
     if (module, name) in ALLOWED_GLOBALS:
       return _Global(f"{module}.{name}", ALLOWED_GLOBALS[(module, name)])
+    # Tensors of other dtypes (uint16, float8, complex, quantised), sparse or subclassed.
+    if (module == "torch" and name.endswith("Storage")) or (
+        module == "torch._utils" and name.startswith("_rebuild_")):
+      raise _Refused(f"has a tensor of a kind not read ({module}.{name}); dense tensors of "
+                     f"{', '.join(map(str, STORAGE_DTYPES.values()))} are")
     raise _Refused(
         f"refuses to load {module}.{name}: a .pth can run code as it loads, so only what a "
         f"state dict holds is built (tensors, dicts, lists, numbers, strings); if the file "
@@ -278,6 +283,9 @@ def _resolve(value, data: dict[str, np.ndarray], seen: dict[int, Any]):
     raise _Refused(f"a {type(value).__name__.strip('_')} stands where a value should")
   if id(value) in seen:
     return seen[id(value)]
+  if isinstance(value, (dict, set, frozenset)) and any(
+      isinstance(key, _Placeholder) for key in value):
+    raise _Refused("a tensor or storage is a dict key or a set member")
   if isinstance(value, dict):
     seen[id(value)] = value
     for key in value:
@@ -383,7 +391,7 @@ def read_pth(path: str | os.PathLike) -> Any:
   except _Refused as error:
     raise ValueError(f"{path}: {error}") from None
   except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
-          KeyError, IndexError, AttributeError, struct.error, UnicodeDecodeError) as error:
-    # What a damaged or foreign file makes pickle, zipfile or struct raise.
+          KeyError, IndexError, AttributeError) as error:
+    # What a damaged or foreign file makes pickle or zipfile raise.
     raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
                      f"{error})") from None

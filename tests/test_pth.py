@@ -15,7 +15,7 @@ import struct
 import zipfile
 
 import chex
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,7 +41,7 @@ def _leaf(tree, path: str):
 
 def _assert_same_bits(actual: np.ndarray, expected: np.ndarray, dtype: str) -> None:
   assert isinstance(actual, np.ndarray) and actual.flags.c_contiguous
-  assert actual.dtype == (ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+  assert actual.dtype == (jnp.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
   assert actual.shape == expected.shape
   assert actual.tobytes() == expected.tobytes()  # bit for bit: -0.0, NaN payloads included
 
@@ -216,6 +216,10 @@ def _damaged(kind: str, tmp_path: pathlib.Path) -> pathlib.Path:
       archive.writestr("model/code/__torch__.py", b"")
   elif kind == "tar":
     path.write_bytes(b"\0" * 257 + b"ustar" + b"\0" * 250)
+  elif kind == "uint16":  # PyTorch 2 saves the dtypes it added later through _v3
+    _write_zip(path, pickle.PROTO + b"\x02" + pth_writer._global("torch._utils",
+                                                                 "_rebuild_tensor_v3") +
+               pickle.STOP)
   elif kind == "past_storage":  # a 2x3 tensor over a storage of 5 elements
     _write_legacy(path, _tensor_pickle((2, 3), (3, 1), 5),
                   [("0", np.zeros(5, np.float32).tobytes(), 5)])
@@ -228,6 +232,8 @@ def _damaged(kind: str, tmp_path: pathlib.Path) -> pathlib.Path:
     ("text", "not a readable PyTorch checkpoint"),
     ("torchscript", r"is a TorchScript archive \(torch.jit.save\), not a checkpoint"),
     ("tar", r"is in PyTorch's tar format \(before 1.0\)"),
+    ("uint16", r"has a tensor of a kind not read \(torch._utils._rebuild_tensor_v3\); dense "
+               "tensors of float64, float32, float16, bfloat16, int64"),
     ("past_storage", r"a tensor of size \(2, 3\), stride \(3, 1\) and offset 0 reads past "
                      "its storage's 5 elements"),
 ])
