@@ -163,9 +163,9 @@ def _assert_same_alpha(actual: np.ndarray, expected: np.ndarray, trimap: np.ndar
   assert np.abs(flips).max() <= 1 and np.mean(flips != 0) <= 0.01
 
 
-@pytest.mark.slow  # ~30 s on two cores: the network compiled twice here and twice there
+@pytest.mark.slow  # 17-26 s on two cores: the network compiled twice here and twice there
 def test_the_artifact_gives_predicts_alphas_in_a_process_without_the_model_code(
-    exported, photos, tmp_path):
+    photos, exported, tmp_path):
   checkpoint, artifact = exported
   predictor = predict.Predictor(*checkpointing.load_model_checkpoint(checkpoint))
   expected = [predict.predict_alpha(predictor, *predict.read_pair(*pair, False)[:2])
