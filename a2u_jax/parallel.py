@@ -13,7 +13,7 @@ every device of a multi-host run, and `shard_map` is what JAX now implements `pm
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -47,10 +47,46 @@ class DataParallel:
     replicated over this mesh are used as they are."""
     return jax.device_put(tree, self.replicated)
 
-  def shard(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def shard(self, batch: dict[str, np.ndarray | jax.Array]) -> dict[str, jax.Array]:
     """This process's rows of a global batch, split over the mesh along the leading axis
-    (with one process: the whole batch)."""
-    return {key: jax.make_array_from_process_local_data(self.split, value)
+    (with one process: the whole batch). Arrays already split over the mesh pass as they
+    are."""
+    return {key: value if self._is_split(value)
+            else jax.make_array_from_process_local_data(self.split, value)
+            for key, value in batch.items()}
+
+  def _is_split(self, value) -> bool:
+    return isinstance(value, jax.Array) and value.sharding == self.split
+
+  def composited(self, stream) -> Iterator[dict[str, jax.Array]]:
+    """The batches of a `data_pipeline.jax_pipeline.JaxStream` (this process's rows),
+    composited on this process's devices and split over the whole mesh.
+
+    Each process composites its own rows on its own devices (their padded canvases may
+    differ between processes); the composited crops, of one shape everywhere, then form
+    the global batch without leaving the devices.
+    """
+    process = jax.process_index()
+    positions = [i for i, d in enumerate(self.devices) if d.process_index == process]
+    if positions != list(range(positions[0], positions[0] + len(positions))):
+      raise ValueError("composited: this process's devices are not contiguous in the mesh")
+    local = NamedSharding(Mesh(np.array([self.devices[i] for i in positions]), (AXIS,)),
+                          SPLIT)
+    count = jax.process_count()
+    for batch in stream.batches(local):
+      if count == 1:
+        yield self.shard(batch)
+        continue
+      yield {key: jax.make_array_from_single_device_arrays(
+          (value.shape[0] * count,) + value.shape[1:], self.split,
+          [shard.data for shard in sorted(value.addressable_shards,
+                                          key=lambda shard: shard.index[0].start or 0)])
+             for key, value in batch.items()}
+
+  def local_batch(self, batch: dict[str, np.ndarray | jax.Array]
+                  ) -> dict[str, np.ndarray]:
+    """This process's rows of a batch on the host (split arrays are fetched)."""
+    return {key: self.local_rows(value) if isinstance(value, jax.Array) else value
             for key, value in batch.items()}
 
   @staticmethod

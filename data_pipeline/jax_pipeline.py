@@ -1,0 +1,186 @@
+"""Training batches composited on the accelerator, without TensorFlow.
+
+The host reads, decodes and plans (grain: threads, deterministic order, a prefetch buffer);
+the device composites (`data_pipeline.jax_composition`). The stream is the tf.data
+pipeline's (`data_pipeline.training`): example k of the global stream, its foreground and
+every random decision come from (seed, k) through `data_pipeline.protocol`; global batch b
+holds examples [b * B, (b + 1) * B) with B = batch_size * num_shards, and shard s takes its
+contiguous batch_size slice. So the iterator's whole state is the number of batches it has
+given: resuming at batch b (`skip_batches`, the training step) repeats and skips nothing.
+
+  source = host_source("folder", root="/data/matting")
+  stream = JaxStream(source, batch_size=16, crop_size=512, seed=0)
+  for batch in stream.batches():   # dicts of jax.Array on the default device(s)
+    ...
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from data_pipeline import file_lists, jax_composition, protocol, synthetic
+from data_pipeline.files import (SourceError, check_positive, check_stream_arguments,
+                                 read_image)
+
+SOURCES = ("synthetic", "adobe", "d646", "folder")
+_NO_END = 2**62
+
+
+class HostSource:
+  """Foreground/alpha pairs and backgrounds by index, as NumPy arrays on the host.
+
+  Images are held in memory (`arrays`) or read from files (`paths`), the last
+  `cache_images` decoded files kept: the protocol reuses each foreground
+  backgrounds_per_foreground times per epoch, and decoding dominates the host's work.
+
+  Attributes:
+    name, num_foregrounds, num_backgrounds, backgrounds_per_foreground, epoch_length: as
+      `data_pipeline.sources.Source`.
+  """
+
+  def __init__(self, name: str, foregrounds: Sequence, alphas: Sequence,
+               backgrounds: Sequence, backgrounds_per_foreground: int = 1,
+               cache_images: int = 256):
+    self.name = name
+    self.num_foregrounds = len(foregrounds)
+    self.num_backgrounds = len(backgrounds)
+    self.backgrounds_per_foreground = check_positive("backgrounds_per_foreground",
+                                                     backgrounds_per_foreground)
+    self.epoch_length = self.num_foregrounds * self.backgrounds_per_foreground
+    self._foregrounds, self._alphas, self._backgrounds = foregrounds, alphas, backgrounds
+    self._read = functools.lru_cache(maxsize=cache_images)(self._decode)
+
+  @staticmethod
+  def _decode(path: str, kind: str) -> np.ndarray:
+    return read_image(path, kind)[0]
+
+  def _image(self, item, kind: str) -> np.ndarray:
+    return item if isinstance(item, np.ndarray) else self._read(item, kind)
+
+  def foreground(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fg (h, w, 3) uint8 RGB, alpha (h, w) uint8)."""
+    fg = self._image(self._foregrounds[index], "rgb")
+    alpha = self._image(self._alphas[index], "grey")
+    if fg.shape[:2] != alpha.shape:
+      raise SourceError(f"{self.name}: foreground {self._foregrounds[index]} is "
+                        f"{fg.shape[1]}x{fg.shape[0]} but its alpha is "
+                        f"{alpha.shape[1]}x{alpha.shape[0]}")
+    return fg, alpha
+
+  def background(self, index: int) -> np.ndarray:
+    """(h, w, 3) uint8 RGB."""
+    return self._image(self._backgrounds[index], "rgb")
+
+  def __repr__(self) -> str:
+    return (f"HostSource({self.name!r}: {self.num_foregrounds} foregrounds, "
+            f"{self.num_backgrounds} backgrounds, epoch of {self.epoch_length})")
+
+
+def synthetic_source(num_foregrounds: int = 8, num_backgrounds: int = 16,
+                     min_size: int = 320, max_size: int = 640, seed: int = 0,
+                     backgrounds_per_foreground: int = 4) -> HostSource:
+  """Seeded synthetic images in memory (the tf.data `synthetic_source`'s)."""
+  foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(
+      num_foregrounds, num_backgrounds, min_size, max_size, seed)
+  return HostSource(f"synthetic(seed={seed})", foregrounds, alphas, backgrounds,
+                    backgrounds_per_foreground)
+
+
+def _from_lists(lists: file_lists.FileLists) -> HostSource:
+  file_lists.check(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds)
+  return HostSource(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds,
+                    lists.backgrounds_per_foreground)
+
+
+def host_source(name: str, **options) -> HostSource:
+  """A training source by name ('synthetic', 'adobe', 'd646', 'folder') with the options
+  of the tf.data source of that name; files are checked as those are."""
+  if name == "synthetic":
+    return synthetic_source(**options)
+  if name not in SOURCES:
+    raise ValueError(f"the JAX pipeline's sources are {', '.join(SOURCES)}, got {name!r}"
+                     + (" (the tfds source needs --config.data.pipeline=tf)"
+                        if name == "tfds" else ""))
+  return _from_lists(getattr(file_lists, f"{name}_lists")(**options))
+
+
+def source_options(name: str) -> list[str]:
+  """The option names `host_source(name, ...)` takes."""
+  import inspect
+
+  function = synthetic_source if name == "synthetic" else getattr(file_lists, f"{name}_lists")
+  return list(inspect.signature(function).parameters)
+
+
+class JaxStream:
+  """Infinite, deterministic, shardable training batches composited on the device.
+
+  Args:
+    source: a `HostSource`.
+    batch_size: examples per batch on this process.
+    crop_size: side of the square crops (a multiple of 16).
+    seed: the same seed gives the same batches (and the tf.data pipeline's examples).
+    shard_index, num_shards: this process's share of the global batch.
+    skip_batches: start after this many batches (resuming a run).
+    num_threads: host threads reading and planning examples (default: the CPU count).
+  """
+
+  def __init__(self, source: HostSource, *, batch_size: int, crop_size: int = 512,
+               seed: int = 0, shard_index: int = 0, num_shards: int = 1,
+               skip_batches: int = 0, num_threads: int | None = None):
+    check_stream_arguments(batch_size, crop_size, shard_index, num_shards, skip_batches)
+    self.source = source
+    self.batch_size, self.crop_size, self.seed = batch_size, crop_size, seed
+    self.shard_index, self.num_shards = shard_index, num_shards
+    self.skip_batches = skip_batches
+    self.num_threads = num_threads or os.cpu_count() or 1
+
+  def global_index(self, host_counter: int) -> int:
+    """The global example index of this process's host_counter-th example."""
+    batch_index, offset = divmod(host_counter, self.batch_size)
+    return ((batch_index * self.num_shards + self.shard_index) * self.batch_size + offset)
+
+  def decisions(self, index: int) -> protocol.Decisions:
+    return protocol.draw(self.seed, index, num_foregrounds=self.source.num_foregrounds,
+                         num_backgrounds=self.source.num_backgrounds,
+                         epoch_length=self.source.epoch_length)
+
+  def plan(self, host_counter: int) -> dict[str, Any]:
+    """The host's part of one example (`jax_composition.plan`)."""
+    decisions = self.decisions(self.global_index(host_counter))
+    fg, alpha = self.source.foreground(int(decisions.foreground_index))
+    # The second foreground is read only when the merge is drawn, as the authors do.
+    fg2, alpha2 = (self.source.foreground(int(decisions.second_index)) if decisions.merge
+                   else (None, None))
+    return jax_composition.plan(fg, alpha, fg2, alpha2,
+                                self.source.background(int(decisions.background_index)),
+                                decisions, self.crop_size)
+
+  def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """Collated host batches (`jax_composition.collate`), read by grain's threads."""
+    import grain
+
+    dataset = (grain.MapDataset.range(self.skip_batches * self.batch_size, _NO_END)
+               .map(self.plan)
+               .batch(self.batch_size, drop_remainder=True, batch_fn=jax_composition.collate)
+               .to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                  prefetch_buffer_size=2 * self.batch_size)))
+    return iter(dataset)
+
+  def batches(self, sharding: jax.sharding.Sharding | None = None
+              ) -> Iterator[dict[str, jax.Array]]:
+    """Composited batches: `image`, `fg`, `bg` float32 (B, crop, crop, 3), `alpha` float32
+    (B, crop, crop, 1), `trimap` uint8 (B, crop, crop, 1), on the devices of `sharding`
+    (split along the batch; default: the default device). The host works on the next
+    batch while the device composites this one."""
+    for host_batch in self.host_batches():
+      if sharding is not None:
+        host_batch = jax.device_put(host_batch, sharding)
+      composited = jax_composition.compose_batch(host_batch, self.crop_size)
+      composited.pop("decisions")
+      yield composited
