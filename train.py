@@ -29,6 +29,8 @@ flags.DEFINE_string("coordinator_address", None,
                     "Multi-process runs: HOST:PORT where process 0 serves the coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process, 0..N-1.")
+flags.DEFINE_float("distributed_timeout", 300, "Multi-process runs: seconds to wait at "
+                   "start-up for every process to join before giving up.")
 flags.DEFINE_bool("verbose", False, "On errors, print the traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -38,8 +40,7 @@ def _load_config(argv: list[str]):
   None when it cannot be."""
   import importlib.util
 
-  values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-  values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+  values = _config_files(argv)
   if not values:
     return None
   path, _, argument = values[-1].partition(":")
@@ -74,14 +75,32 @@ def _override_error(argv: list[str], error: Exception) -> str:
   return f"--config: {str(error).strip()}"
 
 
+def _config_files(argv: list[str]) -> list[str]:
+  """The values of every --config FILE / --config=FILE in `argv`."""
+  values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-config")]
+  return values + [arg.split("=", 1)[1] for arg in argv
+                   if arg.startswith(("--config=", "-config="))]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with one-line errors instead of tracebacks."""
+  configs = _config_files(argv)
+  if len(configs) > 1:
+    sys.exit(f"error: --config is given {len(configs)} times ({', '.join(configs)}); give "
+             f"one config file, and change its fields with --config.FIELD=VALUE")
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
   except flags.Error as error:
-    sys.exit(f"error: {error} (--helpfull lists the flags)")
+    text = str(error)
+    if "Traceback (most recent call last)" in text:  # config_flags quotes the config's own
+      lines = [line.strip() for line in text.splitlines() if line.strip()]
+      text = f"{text.splitlines()[0].rstrip(': ')}: {lines[-1]}"
+    sys.exit(f"error: {text} (--helpfull lists the flags)")
   except Exception as error:  # ml_collections' errors for bad --config.PATH overrides
     sys.exit(f"error: {_override_error(argv, error)}")
+  if flags.FLAGS.workdir is not None and not flags.FLAGS.workdir.strip():
+    sys.exit("error: --workdir is empty; name the run's folder (--workdir DIR)")
+  return parsed
 
 
 def main(argv):
@@ -102,9 +121,10 @@ def main(argv):
     # First, before anything asks JAX for its devices.
     distributed.initialize(auto=FLAGS.config.distributed,
                            coordinator_address=FLAGS.coordinator_address,
-                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                           timeout=FLAGS.distributed_timeout)
   except ValueError as error:
-    raise app.UsageError(str(error))
+    sys.exit(f"error: {error}")
   from a2u_jax.training import loop
   try:
     last = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -11,19 +11,36 @@ over gloo, so several processes on one machine (or CPU hosts) can train together
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import threading
+import time
+
 import jax
 import numpy as np
 
+# Seconds an explicit cluster waits for its processes at start-up (--distributed_timeout).
+DEFAULT_TIMEOUT = 300
+
 
 def initialize(*, auto: bool = False, coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None) -> bool:
+               num_processes: int | None = None, process_id: int | None = None,
+               timeout: float = DEFAULT_TIMEOUT) -> bool:
   """Starts the distributed runtime when asked to; returns whether it is running.
+
+  With an explicit cluster it says on stderr what it waits for (the address, how many
+  processes); if they are not all there within `timeout` seconds, the process prints one
+  `error:` line naming the address or the missing processes and exits with status 1 (JAX
+  itself would abort minutes later with "another task died"). Processes started with
+  different --num_processes are refused, on every one of them, with a ValueError.
 
   Args:
     auto: let JAX detect the cluster (its `jax.distributed.initialize()` without
       arguments); also what `--config.distributed=True` asks for.
     coordinator_address, num_processes, process_id: an explicit cluster (all three or
       none), e.g. "10.0.0.1:1234", 2, 0 on the first host.
+    timeout: seconds to wait for the other processes (explicit clusters).
   """
   explicit = (coordinator_address, num_processes, process_id)
   given = [value is not None for value in explicit]
@@ -35,9 +52,12 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id must be in [0, --num_processes={num_processes}), got "
                        f"{process_id}")
-    if ":" not in coordinator_address:
-      raise ValueError(f"--coordinator_address must be HOST:PORT, got "
-                       f"{coordinator_address!r}")
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"--coordinator_address must be HOST:PORT with PORT a number in "
+                       f"1..65535, got {coordinator_address!r}")
+    if not timeout > 0:
+      raise ValueError(f"--distributed_timeout must be > 0 seconds, got {timeout}")
   if not (auto or all(given)):
     return False
   if jax.distributed.is_initialized():
@@ -45,11 +65,69 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
   # Only the CPU backend reads this; accelerators use their own collectives.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if all(given):
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    _initialize_explicit(coordinator_address, num_processes, process_id, timeout)
   else:
     jax.distributed.initialize()
   return True
+
+
+def _initialize_explicit(address: str, count: int, index: int, timeout: float) -> None:
+  role = ("serving the coordinator" if index == 0 else "connecting to the coordinator")
+  print(f"process {index} of {count}: {role} at {address}; waiting up to {timeout:g} s for "
+        f"all {count} processes (--distributed_timeout)", file=sys.stderr, flush=True)
+  done = threading.Event()
+
+  def give_up():
+    if done.wait(timeout):
+      return
+    if index == 0:
+      others = ("process 1" if count == 2 else f"some of processes 1..{count - 1}")
+      reason = (f"{others} did not join at {address}: start every process with the same "
+                f"--coordinator_address and --num_processes {count}, and check that they "
+                f"can reach this host's port")
+    elif _reachable(address):
+      reason = (f"the coordinator at {address} answered, but not all {count} processes "
+                f"joined: start every process, all with --num_processes {count}")
+    else:
+      reason = (f"cannot reach the coordinator at {address} (process 0 serves it): check "
+                f"the address, that process 0 is running, and that its port is open")
+    print(f"error: process {index} of {count}: waited {timeout:g} s; {reason}",
+          file=sys.stderr, flush=True)
+    os._exit(1)  # JAX's connect cannot be interrupted; it would abort much later
+
+  threading.Thread(target=give_up, daemon=True, name="distributed-timeout").start()
+  started = time.monotonic()
+  try:
+    # JAX's own deadline comes after ours, so ours is what the user sees.
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=index, initialization_timeout=int(timeout) + 60)
+    _check_same_count(count, index, max(1.0, timeout - (time.monotonic() - started)))
+  finally:
+    done.set()
+
+
+def _check_same_count(count: int, index: int, timeout: float) -> None:
+  """Every process's --num_processes, compared on every process."""
+  from jax._src import distributed as jax_distributed
+
+  client = jax_distributed.global_state.client
+  actual = jax.process_count()
+  client.key_value_set(f"a2u_jax/num_processes/{index}", str(count))
+  given = {i: client.blocking_key_value_get(f"a2u_jax/num_processes/{i}", int(timeout * 1000))
+           for i in range(actual)}
+  if any(value != str(actual) for value in given.values()):
+    listed = ", ".join(f"process {i}: {value}" for i, value in given.items())
+    raise ValueError(f"--num_processes differs between the processes ({listed}); the "
+                     f"coordinator runs {actual}: give every process the same --num_processes")
+
+
+def _reachable(address: str) -> bool:
+  host, _, port = address.rpartition(":")
+  try:
+    socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    return True
+  except OSError:
+    return False
 
 
 def is_lead() -> bool:

@@ -301,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
                       "process 0's coordinator (with --num_processes and --process_id)")
   parser.add_argument("--num_processes", type=int, help="multi-process runs: how many")
   parser.add_argument("--process_id", type=int, help="multi-process runs: this one, 0..N-1")
+  parser.add_argument("--distributed_timeout", type=float,
+                      default=distributed.DEFAULT_TIMEOUT,
+                      help="multi-process runs: seconds to wait at start-up for every "
+                           "process to join (default: %(default)s)")
   parser.add_argument("--distributed", action="store_true",
                       help="multi-process runs where JAX detects the cluster (SLURM, Open "
                            "MPI, TPU pods, Kubernetes)")
@@ -308,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
   try:
     distributed.initialize(auto=args.distributed,
                            coordinator_address=args.coordinator_address,
-                           num_processes=args.num_processes, process_id=args.process_id)
+                           num_processes=args.num_processes, process_id=args.process_id,
+                           timeout=args.distributed_timeout)
   except ValueError as error:
     parser.error(str(error))
   try:

@@ -37,6 +37,7 @@ from a2u_jax import checkpointing, distributed, inputs
 from a2u_jax import metrics as matting_metrics, models, parallel, predict, sad_rules
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
+from a2u_jax.training import workdir as workdir_lib
 from data_pipeline.files import NETWORK_STRIDE
 
 METRICS_FILE = "metrics.jsonl"
@@ -202,6 +203,88 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   path = config.init.torchvision_resnet34
   if path and not os.access(path, os.R_OK):
     raise ValueError(f"config.init.torchvision_resnet34: cannot read {path}")
+  _validate_ranges(config)
+  _validate_validation(config)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _validate_ranges(config: ml_collections.ConfigDict) -> None:
+  """The numeric fields' ranges, each named (the counts are checked above)."""
+  def number(name, value, ok, rule):
+    if not _is_number(value) or not ok(value):
+      raise ValueError(f"config.{name} must be {rule}, got {value!r}")
+
+  number("seed", config.seed, lambda v: _is_int(v) and 0 <= v < 2**32,
+         "an integer in [0, 2**32)")
+  number("model.dropout_rate", config.model.dropout_rate, lambda v: 0 <= v < 1,
+         "in [0, 1) (the fraction of activations dropped)")
+  number("encoder_lr_divisor", config.encoder_lr_divisor, lambda v: v > 0, "> 0")
+  number("decay_factor", config.decay_factor, lambda v: 0 < v <= 1, "in (0, 1]")
+  number("num_epochs", config.num_epochs, lambda v: v >= 0, ">= 0")
+  number("image_summary_every", config.image_summary_every, lambda v: _is_int(v) and v >= 0,
+         "an integer >= 0 (0: no image summaries)")
+  decay = config.decay_epochs
+  if not isinstance(decay, (tuple, list)) or not all(_is_number(v) and v >= 0 for v in decay):
+    raise ValueError(f"config.decay_epochs must be a list of epochs >= 0, got {decay!r}")
+
+
+def _validate_validation(config: ml_collections.ConfigDict) -> None:
+  """Every config.validation field, at start-up (a run must not train for hours and then
+  fail in its first validation)."""
+  import inspect
+
+  _validation_interval(config)
+  validation = config.validation
+  size = validation.batch_size
+  if not _is_int(size) or size <= 0:
+    raise ValueError(f"config.validation.batch_size must be a positive integer, got {size!r}")
+  if validation.sad_rule not in sad_rules.SAD_RULES:
+    raise ValueError(f"config.validation.sad_rule must be one of "
+                     f"{', '.join(sad_rules.SAD_RULES)}, got {validation.sad_rule!r}")
+  readers = _validation_readers()
+  if validation.source == "composition1k":
+    return  # reads config.validation.data_dir (checked where it is read)
+  if validation.source not in readers:
+    raise ValueError(f"config.validation.source must be one of composition1k, "
+                     f"{', '.join(readers)}, got {validation.source!r}")
+  parameters = inspect.signature(readers[validation.source]).parameters
+  foreign = [key for key in validation.options if key not in parameters]
+  if foreign:
+    raise ValueError(f"config.validation.options: validation source {validation.source!r} "
+                     f"does not take {', '.join(foreign)} (it takes "
+                     f"{', '.join(parameters)})")
+  missing = [name for name, parameter in parameters.items()
+             if parameter.default is inspect.Parameter.empty and name not in validation.options]
+  if missing:
+    raise ValueError(f"config.validation.options: validation source {validation.source!r} "
+                     f"needs {', '.join(missing)} (--config.validation.options.{missing[0]}=...)")
+  if validation.source == "synthetic":
+    options = {name: parameter.default for name, parameter in parameters.items()}
+    options.update(validation.options)
+    for name in ("count", "min_size"):
+      if not _is_int(options[name]) or options[name] < 1:
+        raise ValueError(f"config.validation.options.{name} must be a positive integer, "
+                         f"got {options[name]!r}")
+    if not _is_int(options["max_size"]) or options["max_size"] < options["min_size"]:
+      raise ValueError(f"config.validation.options.max_size must be an integer >= min_size "
+                       f"({options['min_size']}), got {options['max_size']!r}")
+
+
+def _validation_readers() -> dict[str, Callable]:
+  """config.validation.source's readers (the `options` are their keyword arguments)."""
+  import data_pipeline
+
+  return {"synthetic": data_pipeline.synthetic_items,
+          "alphamatting": data_pipeline.alphamatting_items,
+          "folder": data_pipeline.folder_items,
+          "tfds": data_pipeline.tfds_items}
 
 
 def _validation_items(config: ml_collections.ConfigDict):
@@ -215,10 +298,7 @@ def _validation_items(config: ml_collections.ConfigDict):
   if validation.sad_rule not in sad_rules.SAD_RULES:
     raise ValueError(f"config.validation.sad_rule must be one of "
                      f"{', '.join(sad_rules.SAD_RULES)}, got {validation.sad_rule!r}")
-  readers = {"synthetic": data_pipeline.synthetic_items,
-             "alphamatting": data_pipeline.alphamatting_items,
-             "folder": data_pipeline.folder_items,
-             "tfds": data_pipeline.tfds_items}
+  readers = _validation_readers()
   if validation.source == "composition1k":
     if not validation.data_dir:
       raise ValueError("config.validation.source='composition1k' needs "
@@ -227,12 +307,18 @@ def _validation_items(config: ml_collections.ConfigDict):
                        "test set, or a folder with image/, trimap/ and alpha/")
     root = pathlib.Path(validation.data_dir).expanduser()
     if (root / "image").is_dir() and (root / "trimap").is_dir():
-      return data_pipeline.folder_items(root)
-    return data_pipeline.tfds_items("composition1k", str(root))
-  if validation.source not in readers:
+      items = data_pipeline.folder_items(root)
+    else:
+      items = data_pipeline.tfds_items("composition1k", str(root))
+  elif validation.source not in readers:
     raise ValueError(f"config.validation.source must be one of composition1k, "
                      f"{', '.join(readers)}, got {validation.source!r}")
-  return readers[validation.source](**validation.options)
+  else:
+    items = readers[validation.source](**validation.options)
+  if not len(items):
+    raise ValueError(f"config.validation: source {validation.source!r} gave no images; "
+                     f"validation needs at least one")
+  return items
 
 
 def _validation_interval(config: ml_collections.ConfigDict) -> int:
@@ -338,6 +424,7 @@ def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config
   step = manager.latest_step()
   if step is None:
     return state, 0
+  _check_complete(manager, step)
   target = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), jax.numpy.asarray(leaf).dtype,
                                         sharding=sharding), state)
@@ -361,12 +448,38 @@ def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config
   return restored["state"], step
 
 
+def _check_complete(manager: ocp.CheckpointManager, step: int) -> None:
+  """Raises ValueError naming checkpoint `step` when its folder lacks what a save writes
+  (a copy or a disk that was interrupted), with the step to fall back to."""
+  folder = pathlib.Path(manager.directory) / str(step)
+  missing = [name for name in ("_CHECKPOINT_METADATA", "state", "data")
+             if not (folder / name).exists()]
+  if not missing:
+    return
+  earlier = [s for s in manager.all_steps() if s < step]
+  fallback = (f"remove it to resume from step {max(earlier)}, the one before it" if earlier
+              else "remove it to start from step 0")
+  raise ValueError(f"{folder}: an incomplete checkpoint (no {', '.join(missing)}; an "
+                   f"interrupted copy?): {fallback}")
+
+
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-  """Drops records logged after `step` (by a run that was killed before checkpointing)."""
+  """Drops records logged after `step` (by a run that was killed before checkpointing),
+  and lines a killed run left torn (not a JSON record with a step)."""
   if not path.exists():
     return
-  kept = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line)["step"] <= step]
+  kept = []
+  for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    try:
+      record = json.loads(line)
+      logged = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      if line.strip():
+        log.warning("%s: line %d is not a whole record (a run killed while writing it?); "
+                    "dropped", path, number)
+      continue
+    if logged <= step:
+      kept.append(line)
   path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -463,7 +576,20 @@ def validate(predictor: predict.Predictor, items, batch_size: int, sad_rule: str
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        *, progress: bool = True) -> dict[str, Any]:
-  """Trains (or resumes) a run in `workdir`; returns the last logged metrics."""
+  """Trains (or resumes) a run in `workdir`; returns the last logged metrics.
+
+  One run at a time per workdir (`workdir_lib.claim`: a second one is refused, naming the
+  first), and never over another run's results without their checkpoints."""
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty; name the run's folder")
+  try:
+    return _train_and_evaluate(config, workdir, progress=progress)
+  finally:
+    workdir_lib.release(pathlib.Path(workdir).absolute())
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                        *, progress: bool) -> dict[str, Any]:
   # Before anything asks JAX for devices (validate_config does); train.py has already
   # started it when given an explicit coordinator.
   distributed.initialize(auto=config.distributed)
@@ -480,6 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise ValueError(f"--workdir {workdir}: exists and is not a folder")
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead()
+  workdir_lib.claim(workdir, lead=lead)  # before anything is written there
   if lead:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   runtime = parallel.DataParallel()
@@ -562,15 +689,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         # the checkpoint resumes past this step and would not log it again.
         if validating:
           started = time.perf_counter()
-          values = validate(predictor(device_state), items, config.validation.batch_size,
-                            config.validation.sad_rule)
+          try:
+            values = validate(predictor(device_state), items, config.validation.batch_size,
+                              config.validation.sad_rule)
+          except Exception:
+            # A validation that fails must not cost the step's training: save it first.
+            _save(latest, runtime.get(device_state), config)
+            raise
           spent["validation"] += time.perf_counter() - started
           logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
           last.update({f"validation/{k}": v for k, v in values.items()})
         started = time.perf_counter()
         if checkpointing_now or validating:
           host_state = runtime.get(device_state)  # once for every save of this step
-        if checkpointing_now:
+        if checkpointing_now or validating:
+          # Validation steps checkpoint too: best/ and best_model/ never hold a step that
+          # a resume would not start after.
           _save(latest, host_state, config)
         if validating:
           # best/ keeps the lowest validation SAD (by config.validation.sad_rule); on a tie

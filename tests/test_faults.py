@@ -1,0 +1,254 @@
+"""The second sweep of bad inputs and faults: nothing lost, nothing hangs, nothing silently
+wrong (issue 26). CLI cases run as subprocesses: exit status, one `error:` line, no
+traceback, and nothing lost on disk."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from a2u_jax.training import loop
+from a2u_jax.training import workdir as workdir_lib
+from tests.test_bad_inputs import ROOT, _cli, _one_clear_line
+
+
+def _snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+# ------------------------------------------------------------------ workdir: one run
+
+
+def _hold_lock(workdir: pathlib.Path) -> subprocess.Popen:
+  """A process that claims `workdir` as a run does, and waits."""
+  code = ("import pathlib, sys, time; from a2u_jax.training import workdir; "
+          f"workdir.claim(pathlib.Path({str(workdir)!r}), lead=True); print('held', "
+          "flush=True); time.sleep(120)")
+  holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+  assert holder.stdout.readline().strip() == "held"
+  return holder
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_first(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = _hold_lock(workdir)
+  try:
+    process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(workdir))
+    _one_clear_line(process, f"in use by another run (pid {holder.pid} on ")
+    assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.LOCK_FILE]
+  finally:
+    holder.send_signal(signal.SIGKILL)  # a killed holder leaves nothing stuck
+    holder.wait()
+  workdir_lib.claim(workdir, lead=True)
+  workdir_lib.release(workdir)
+
+
+def test_the_lock_is_per_process_and_released(tmp_path):
+  workdir_lib.claim(tmp_path, lead=True)
+  workdir_lib.claim(tmp_path, lead=True)  # the same process again: no conflict
+  workdir_lib.release(tmp_path)
+  holder = _hold_lock(tmp_path)
+  try:
+    with pytest.raises(ValueError, match=f"pid {holder.pid}"):
+      workdir_lib.claim(tmp_path, lead=True)
+    workdir_lib.claim(tmp_path, lead=False)  # other processes of a run take no lock
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+@pytest.mark.parametrize("results", [("metrics.jsonl",), ("model",), ("best_model", "best")])
+def test_a_workdir_with_results_but_no_checkpoints_is_refused(results, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  for name in results:
+    if name.endswith(".jsonl"):
+      (workdir / name).write_text('{"step": 1, "loss": 0.5}\n')
+    else:
+      (workdir / name).mkdir()
+      (workdir / name / "model.json").write_text("{}")
+  before = _snapshot(workdir)
+  process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(workdir))
+  _one_clear_line(process, f"holds another run's results ({', '.join(results)}) but no "
+                           f"checkpoints/ to resume from")
+  assert _snapshot(workdir) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_may_restart(tmp_path):
+  (tmp_path / "checkpoints").mkdir()  # what a run creates before its first step
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+  workdir_lib.claim(tmp_path, lead=True)
+  workdir_lib.release(tmp_path)
+  (tmp_path / "model").mkdir()
+  (tmp_path / "model" / "model.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"\(model\) but no checkpoints/"):
+    workdir_lib.claim(tmp_path, lead=True)
+
+
+# ------------------------------------------------------------------------ resuming
+
+
+def test_a_torn_last_metrics_line_is_dropped(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+  loop._truncate_metrics(path, 2)
+  assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
+  assert "line 3 is not a whole record" in caplog.text
+
+
+def test_an_incomplete_checkpoint_is_named(tmp_path):
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": np.zeros(2)}),
+                                          data=ocp.args.JsonSave({"step": 5})))
+  manager.wait_until_finished()
+  (tmp_path / "checkpoints" / "7").mkdir()  # an interrupted copy
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  with pytest.raises(ValueError, match=r"checkpoints/7: an incomplete checkpoint .*remove it "
+                                       r"to resume from step 5"):
+    loop._restore(manager, {"a": np.zeros(2)}, None, None)
+
+
+# ---------------------------------------------------------------- train.py's fields
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workdir="], "--workdir is empty"),
+    (["--config", "configs/resampler.py", "--config.seed=1"], "--config is given 2 times"),
+    (["--config=configs/resampler.py"], "--config is given 2 times"),
+    (["--config.validation.batch_size=0"], "config.validation.batch_size must be a positive"),
+    (["--config.validation.options.count=0"], "config.validation.options.count must be a "
+                                              "positive integer, got 0"),
+    (["--config.validation.source=folder"], "validation source 'folder' does not take count"),
+    (["--config.validation.source=alphamatting"],
+     "validation source 'alphamatting' does not take count"),
+    (["--config.model.dropout_rate=1.5"], "config.model.dropout_rate must be in [0, 1)"),
+    (["--config.seed=-1"], "config.seed must be an integer in [0, 2**32), got -1"),
+    (["--config.decay_factor=0"], "config.decay_factor must be in (0, 1]"),
+    (["--config.encoder_lr_divisor=-1"], "config.encoder_lr_divisor must be > 0"),
+    (["--config.image_summary_every=-3"], "config.image_summary_every must be an integer"),
+    (["--config.eval_every=-2"], "config.eval_every must be >= 0"),
+])
+def test_every_field_is_checked_at_start_up(args, message, tmp_path):
+  argv = ["--config", "configs/smoke.py", *args]
+  if not any(arg.startswith("--workdir") for arg in args):
+    argv += ["--workdir", str(tmp_path / "run")]
+  _one_clear_line(_cli("train.py", *argv), message)
+  assert not (tmp_path / "run").exists() and not (ROOT / "metrics.jsonl").exists()
+
+
+def test_a_config_file_that_fails_says_why_in_one_line(tmp_path):
+  process = _cli("train.py", "--config", "configs/resampler.py:nosuchop", "--workdir",
+                 str(tmp_path / "run"))
+  _one_clear_line(process, "unknown resampler 'nosuchop'; expected one of")
+  (tmp_path / "not_a_config.py").write_text("x = 1\n")
+  process = _cli("train.py", "--config", str(tmp_path / "not_a_config.py"), "--workdir",
+                 str(tmp_path / "run"))
+  _one_clear_line(process, "has no attribute 'get_config'")
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_resnet_init_names_a_file_that_is_not_a_checkpoint(tmp_path):
+  (tmp_path / "resnet34.pth").write_text("not weights\n")
+  process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"),
+                 f"--config.init.torchvision_resnet34={tmp_path / 'resnet34.pth'}")
+  _one_clear_line(process, f"{tmp_path / 'resnet34.pth'}: not a readable PyTorch checkpoint")
+  assert "torch" not in process.stderr.strip().splitlines()[-1].split("checkpoint", 1)[1]
+
+
+@pytest.mark.slow  # trains two steps (~1 minute on two cores)
+def test_a_failing_validation_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
+  from configs import smoke
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("validation broke")
+
+  monkeypatch.setattr(loop, "validate", fail)
+  config = smoke.get_config()
+  config.num_train_steps, config.eval_every, config.checkpoint_every = 2, 2, 1000
+  with pytest.raises(RuntimeError, match="validation broke"):
+    loop.train_and_evaluate(config, tmp_path, progress=False)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+  workdir_lib.claim(tmp_path, lead=True)  # released after the failure
+  workdir_lib.release(tmp_path)
+
+
+@pytest.mark.slow  # two training runs and a resume (~2 minutes on two cores)
+def test_two_runs_on_one_workdir_and_a_killed_run_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+             str(workdir), "--config.num_train_steps=8", "--config.eval_every=0",
+             "--config.checkpoint_every=2"]
+  first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not (metrics.exists() and (workdir / "checkpoints" /
+                                                                   "2").exists()):
+    time.sleep(0.2)
+  second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  _one_clear_line(second, f"in use by another run (pid {first.pid} on ")
+  first.send_signal(signal.SIGKILL)
+  first.communicate()
+  resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps == list(range(1, 9))
+
+
+# ------------------------------------------------------------------- multi-process
+
+
+def _cluster(port: int, count: int, index: int, timeout: str = "4") -> list[str]:
+  return ["train.py", "--config", "configs/smoke.py", "--coordinator_address",
+          f"localhost:{port}", "--num_processes", str(count), "--process_id", str(index),
+          "--distributed_timeout", timeout]
+
+
+def test_a_missing_peer_or_coordinator_times_out_in_one_line(tmp_path):
+  from tests.test_multiprocess import _free_port
+
+  port = _free_port()
+  args = ["--workdir", str(tmp_path / "run")]
+  lone = _cli(*_cluster(port, 2, 0), *args, timeout=60)
+  assert "process 0 of 2: serving the coordinator at localhost:" in lone.stderr
+  _one_clear_line(lone, f"waited 4 s; process 1 did not join at localhost:{port}")
+  orphan = _cli(*_cluster(_free_port(), 3, 2), *args, timeout=60)
+  _one_clear_line(orphan, "process 2 of 3: waited 4 s; cannot reach the coordinator at "
+                          "localhost:")
+  assert not (tmp_path / "run").exists()
+
+
+def test_different_num_processes_are_refused_on_every_process(tmp_path):
+  from tests.test_multiprocess import _free_port
+
+  port = _free_port()
+  args = ["--workdir", str(tmp_path / "run")]
+  first = subprocess.Popen([sys.executable, *_cluster(port, 2, 0, "30"), *args], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  second = _cli(*_cluster(port, 3, 1, "30"), *args, timeout=60)
+  _, first_err = first.communicate(timeout=60)
+  first = subprocess.CompletedProcess(first.args, first.returncode, "", first_err)
+  for process in (first, second):
+    _one_clear_line(process, "--num_processes differs between the processes (process 0: 2, "
+                             "process 1: 3)")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address", ["localhost:abc", "localhost:0", "localhost:70000", ":80"])
+def test_a_bad_coordinator_port_is_refused(address, tmp_path):
+  process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
+                 "--coordinator_address", address, "--num_processes", "2", "--process_id", "0")
+  _one_clear_line(process, "--coordinator_address must be HOST:PORT with PORT a number")
