@@ -172,11 +172,13 @@ def summarize(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-  """The papers' layout: SAD, MSE, Grad, Conn."""
+  """The papers' layout: SAD, MSE, Grad, Conn, and a line saying their units."""
   header = f"{'images':>7} {'SAD':>8} {'MSE':>8} {'Grad':>8} {'Conn':>8}"
   row = (f"{summary['scored']:>7} {summary['sad']:>8.2f} {summary['mse']:>8.4f} "
          f"{summary['grad']:>8.2f} {summary['conn']:>8.2f}")
-  return f"{header}\n{row}"
+  units = ("(means over the images; SAD, Grad and Conn are sums over each image's unknown "
+           "region in thousands, MSE a mean over its unknown pixels; alpha in [0, 1])")
+  return f"{header}\n{row}\n{units}"
 
 
 def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | os.PathLike, *,
@@ -341,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
                        run_info=run_info, progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")
+  except OSError as error:  # a read-only or full --out
+    sys.exit(f"error: {predict.describe_os_error(error, args.out)}")
   if not distributed.is_lead():
     return
   print(format_table(summary))

@@ -67,7 +67,7 @@ def file_item(name: str, image: str, trimap: str, alpha: str | None = None) -> E
     trimap_array = _read(trimap, "grey")
     check_trimap(trimap_array, trimap)
     return (_read(image, "rgb"), trimap_array,
-            None if alpha is None else _read(alpha, "grey"))
+            None if alpha is None else _read(alpha, "alpha"))
 
   return EvalItem(name, height, width, load)
 

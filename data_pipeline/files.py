@@ -67,11 +67,13 @@ def read_image(path: str | os.PathLike, kind: str) -> tuple[np.ndarray, bool]:
   - 16-bit greyscale files keep the high byte of each sample (v >> 8: 0 / 32896 / 65535
     are 0 / 128 / 255), as libpng's 8-bit reading in OpenCV and TensorFlow does;
   - an alpha channel is dropped (the caller says so: the colour values are used as stored).
+  "alpha" (ground-truth mattes) reads as "grey", except that the matte of a file with an
+  alpha channel (RGBA, LA, a palette with transparency) is that channel.
   32-bit integer and floating-point files are refused: their range is not defined. Errors
   name the file.
   """
-  if kind not in ("rgb", "grey"):
-    raise ValueError(f"kind must be 'rgb' or 'grey', got {kind!r}")
+  if kind not in ("rgb", "grey", "alpha"):
+    raise ValueError(f"kind must be 'rgb', 'grey' or 'alpha', got {kind!r}")
   try:
     with Image.open(path) as image:
       mode = image.mode
@@ -80,7 +82,10 @@ def read_image(path: str | os.PathLike, kind: str) -> tuple[np.ndarray, bool]:
                           f"images are not supported (their value range is not defined); "
                           f"save it as an 8- or 16-bit image")
       dropped = mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info)
-      values = _decode(image, kind)
+      if kind == "alpha" and dropped:
+        values, dropped = np.asarray(image.convert("RGBA").getchannel("A")), False
+      else:
+        values = _decode(image, "grey" if kind == "alpha" else kind)
     return orient(values, exif_orientation(path)), dropped
   except SourceError:
     raise

@@ -252,3 +252,160 @@ def test_a_bad_coordinator_port_is_refused(address, tmp_path):
   process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
                  "--coordinator_address", address, "--num_processes", "2", "--process_id", "0")
   _one_clear_line(process, "--coordinator_address must be HOST:PORT with PORT a number")
+
+
+# ------------------------------------------------------------- predict and evaluate
+
+
+def _write_scene(folder: pathlib.Path, name: str = "a", ext: str = ".png", seed: int = 0):
+  import numpy as np
+  from PIL import Image
+
+  from tests.test_bad_inputs import _scene
+
+  image, trimap = _scene(seed=seed)
+  (folder / "image").mkdir(parents=True, exist_ok=True)
+  (folder / "trimap").mkdir(parents=True, exist_ok=True)
+  Image.fromarray(image).save(folder / "image" / f"{name}{ext}")
+  Image.fromarray(trimap).save(folder / "trimap" / f"{name}.png")
+  return np.asarray(image), trimap
+
+
+def test_the_matte_of_an_rgba_alpha_file_is_its_alpha_channel(tmp_path):
+  import numpy as np
+  from PIL import Image
+
+  import data_pipeline
+  from data_pipeline import files
+
+  _, trimap = _write_scene(tmp_path)
+  (tmp_path / "alpha").mkdir()
+  matte = np.tile(np.linspace(0, 255, trimap.shape[1]).astype(np.uint8), (trimap.shape[0], 1))
+  rgba = np.dstack([np.full(trimap.shape + (3,), 255, np.uint8), matte])  # white, A = matte
+  Image.fromarray(rgba).save(tmp_path / "alpha" / "a.png")
+  np.testing.assert_array_equal(files.read_image(tmp_path / "alpha" / "a.png", "alpha")[0],
+                                matte)
+  _, _, alpha = data_pipeline.folder_items(tmp_path)[0].load()
+  np.testing.assert_array_equal(alpha, matte)
+  Image.fromarray(np.dstack([matte, matte])).save(tmp_path / "la.png")  # grey + alpha
+  np.testing.assert_array_equal(files.read_image(tmp_path / "la.png", "alpha")[0], matte)
+  Image.fromarray(matte).save(tmp_path / "grey.png")  # without an alpha channel: the grey
+  np.testing.assert_array_equal(files.read_image(tmp_path / "grey.png", "alpha")[0], matte)
+
+
+def _predict_cli(checkpoint, image, trimap, out, *extra):
+  return _cli("-m", "a2u_jax.predict", "--checkpoint", str(checkpoint), "--image", str(image),
+              "--trimap", str(trimap), "--out", str(out), *extra)
+
+
+def test_predict_refuses_two_images_or_trimaps_of_one_name(converted_checkpoint, tmp_path):
+  _write_scene(tmp_path, "a", ".png")
+  _write_scene(tmp_path, "a", ".jpg")
+  process = _predict_cli(converted_checkpoint, tmp_path / "image", tmp_path / "trimap",
+                         tmp_path / "out")
+  _one_clear_line(process, "a.jpg and a.png share the name 'a'")
+  (tmp_path / "image" / "a.jpg").unlink()
+  _write_scene(tmp_path / "other", "a")
+  (tmp_path / "other" / "trimap" / "a.png").rename(tmp_path / "trimap" / "a.tif")
+  process = _predict_cli(converted_checkpoint, tmp_path / "image", tmp_path / "trimap",
+                         tmp_path / "out")
+  _one_clear_line(process, f"--trimap {tmp_path / 'trimap'}: a.png and a.tif share the name")
+  assert not (tmp_path / "out").exists()
+
+
+def test_predict_does_not_take_its_own_outputs_as_inputs(tmp_path):
+  from a2u_jax import predict
+
+  _write_scene(tmp_path, "a")
+  for name in ("a_alpha.png", "a_preview.png"):
+    (tmp_path / "image" / name).write_bytes((tmp_path / "image" / "a.png").read_bytes())
+  assert predict._pairs(tmp_path / "image", tmp_path / "trimap") == [
+      (tmp_path / "image" / "a.png", tmp_path / "trimap" / "a.png")]
+
+
+def test_predict_refuses_a_colour_trimap_even_with_round_trimap(converted_checkpoint, tmp_path):
+  import numpy as np
+  from PIL import Image
+
+  image, trimap = _write_scene(tmp_path)
+  colour = np.zeros(trimap.shape + (3,), np.uint8)
+  colour[trimap == 255] = (255, 0, 0)  # red foreground, green unknown
+  colour[trimap == 128] = (0, 255, 0)
+  Image.fromarray(colour).save(tmp_path / "trimap" / "a.png")
+  for extra in ((), ("--round-trimap",)):
+    process = _predict_cli(converted_checkpoint, tmp_path / "image" / "a.png",
+                           tmp_path / "trimap" / "a.png", tmp_path / "out", *extra)
+    _one_clear_line(process, "trimap/a.png: a colour image")
+  assert not any((tmp_path / "out").glob("*.png"))
+
+
+def test_predict_and_evaluate_name_an_out_they_cannot_write(converted_checkpoint, tmp_path):
+  _write_scene(tmp_path)
+  out = pathlib.Path("/sys/a2u_jax_out")  # read-only, even for root
+  process = _predict_cli(converted_checkpoint, tmp_path / "image" / "a.png",
+                         tmp_path / "trimap" / "a.png", out)
+  _one_clear_line(process, f"--out {out}: cannot write")
+  process = _cli("-m", "a2u_jax.evaluate", "--checkpoint", str(converted_checkpoint), "--data",
+                 "synthetic", "--count", "1", "--out", str(out), "--no-progress")
+  _one_clear_line(process, f"--out {out}: cannot write")
+
+
+def test_a_full_disk_leaves_no_partial_file(converted_checkpoint, tmp_path, monkeypatch):
+  import errno
+
+  from PIL import Image
+
+  from a2u_jax import predict
+
+  _write_scene(tmp_path)
+
+  def full(self, path, *args, **kwargs):
+    pathlib.Path(path).write_bytes(b"half")
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+  monkeypatch.setattr(Image.Image, "save", full)
+  with pytest.raises(SystemExit, match=r"--out .*out: cannot write .*No space left on device"):
+    predict.main(["--checkpoint", str(converted_checkpoint), "--image",
+                  str(tmp_path / "image" / "a.png"), "--trimap",
+                  str(tmp_path / "trimap" / "a.png"), "--out", str(tmp_path / "out")])
+  assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_predict_refuses_an_image_too_large_before_compiling_and_max_side_predicts_it(
+    converted_checkpoint, tmp_path, capsys):
+  import numpy as np
+  from PIL import Image
+
+  from a2u_jax import predict
+
+  with pytest.raises(ValueError, match=r"big.png: 6000x4000 needs about 31.\d GiB for the "
+                                       r"network, more than the 8.0 GiB available; pass "
+                                       r"--max-side \d+"):
+    predict.check_memory(pathlib.Path("big.png"), 4000, 6000, available=8 * 2**30)
+  predict.check_memory(pathlib.Path("small.png"), 1500, 2000, available=8 * 2**30)
+  image, trimap = _write_scene(tmp_path)
+  big_image = np.asarray(Image.fromarray(image).resize((96, 64)))
+  big_trimap = np.asarray(Image.fromarray(trimap).resize((96, 64), Image.Resampling.NEAREST))
+  Image.fromarray(big_image).save(tmp_path / "image" / "a.png")
+  Image.fromarray(big_trimap).save(tmp_path / "trimap" / "a.png")
+  predict.main(["--checkpoint", str(converted_checkpoint), "--image",
+                str(tmp_path / "image" / "a.png"), "--trimap", str(tmp_path / "trimap" / "a.png"),
+                "--out", str(tmp_path / "out"), "--max-side", "48"])
+  assert "compiling the network for 48x32 inputs" in capsys.readouterr().err
+  alpha = np.asarray(Image.open(tmp_path / "out" / "a_alpha.png"))
+  assert alpha.shape == (64, 96)
+  assert (alpha[big_trimap == 255] == 255).all() and (alpha[big_trimap == 0] == 0).all()
+  available = predict.available_memory()
+  assert available is None or available > 0
+
+
+def test_predict_options_have_help_and_evaluate_says_its_units():
+  from a2u_jax import evaluate
+
+  process = _cli("-m", "a2u_jax.predict", "--help")
+  for flag in ("--out OUT", "--round-trimap", "--max-side N"):
+    line = next(line for line in process.stdout.splitlines() if line.strip().startswith(flag))
+    assert len(line.strip()) > len(flag) + 10, line
+  table = evaluate.format_table({"scored": 1, "sad": 30.5, "mse": 0.01, "grad": 1.0,
+                                 "conn": 2.0})
+  assert "SAD, Grad and Conn are sums over each image's unknown region in thousands" in table
