@@ -7,6 +7,7 @@ ImageNet mean and standard deviation, and the trimap divided by 255 (so 0, ~0.50
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,7 +25,33 @@ def model_inputs(image, trimap) -> jnp.ndarray:
   Returns:
     float32 array (..., H, W, 4): (image - mean) / std, then trimap / 255.
     Works on NumPy or JAX arrays and under jit.
+
+  Raises:
+    ValueError: an image that is not floating point (e.g. uint8 0..255: divide by 255),
+      a trimap of another dtype, and, for concrete arrays (not under jit), image values
+      outside [0, 1] or trimap values other than 0, 128 and 255 (e.g. a [0, 1] trimap:
+      multiply by 255 and round).
   """
+  image_dtype, trimap_dtype = np.dtype(image.dtype), np.dtype(trimap.dtype)
+  if not np.issubdtype(image_dtype, np.floating):
+    raise ValueError(f"image: expected floating-point RGB in [0, 1], got dtype {image_dtype}"
+                     f"{' (0..255? divide by 255)' if np.issubdtype(image_dtype, np.integer) else ''}")
+  if trimap_dtype != np.uint8 and not np.issubdtype(trimap_dtype, np.floating):
+    raise ValueError(f"trimap: expected uint8 or floating point with values 0, 128 and 255, "
+                     f"got dtype {trimap_dtype}")
+  if not isinstance(image, jax.core.Tracer) and np.size(image):
+    low, high = float(np.min(image)), float(np.max(image))
+    if low < 0 or high > 1:
+      raise ValueError(f"image: expected values in [0, 1], found {low:g}..{high:g}"
+                       f"{' (0..255? divide by 255)' if high > 1 else ''}")
+  if not isinstance(trimap, jax.core.Tracer) and np.size(trimap):
+    values = np.unique(np.asarray(trimap))
+    unexpected = np.setdiff1d(values, [0, 128, 255])
+    if unexpected.size:
+      hint = (" (a [0, 1] trimap? multiply by 255 and round to 0, 128 and 255)"
+              if values.max() <= 1 else "")
+      raise ValueError(f"trimap: expected values 0, 128 and 255, found "
+                       f"{unexpected[:6].tolist()}{hint}")
   if image.shape[-1] != 3:
     raise ValueError(f"image: expected 3 (RGB) channels in the last axis, got shape "
                      f"{tuple(image.shape)}")

@@ -409,3 +409,30 @@ def test_predict_options_have_help_and_evaluate_says_its_units():
   table = evaluate.format_table({"scored": 1, "sad": 30.5, "mse": 0.01, "grad": 1.0,
                                  "conn": 2.0})
   assert "SAD, Grad and Conn are sums over each image's unknown region in thousands" in table
+
+
+# -------------------------------------------------------------------------- the API
+
+
+def test_model_inputs_refuses_what_its_docstring_does_not_allow():
+  import jax
+  import numpy as np
+
+  from a2u_jax import inputs
+
+  image = np.full((1, 2, 2, 3), 0.5, np.float32)
+  trimap = np.array([0, 128, 255, 0], np.uint8).reshape(1, 2, 2, 1)
+  with pytest.raises(ValueError, match=r"image: expected floating-point RGB in \[0, 1\], got "
+                                       r"dtype uint8 \(0..255\? divide by 255\)"):
+    inputs.model_inputs((image * 255).astype(np.uint8), trimap)
+  with pytest.raises(ValueError, match=r"image: expected values in \[0, 1\], found 127.5"):
+    inputs.model_inputs(image * 255, trimap)
+  with pytest.raises(ValueError, match=r"a \[0, 1\] trimap\? multiply by 255"):
+    inputs.model_inputs(image, trimap.astype(np.float32) / 255)
+  with pytest.raises(ValueError, match="trimap: expected uint8 or floating point"):
+    inputs.model_inputs(image, trimap.astype(np.int32))
+  # Under jit the dtypes are still checked (statically); the values cannot be.
+  with pytest.raises(ValueError, match="got dtype uint8"):
+    jax.jit(inputs.model_inputs)((image * 255).astype(np.uint8), trimap)
+  assert jax.jit(inputs.model_inputs)(image, trimap).shape == (1, 2, 2, 4)
+  assert inputs.model_inputs(image[:0], trimap[:0]).shape == (0, 2, 2, 4)
