@@ -22,21 +22,18 @@ options and checkpoint it came from, and the artifact's SHA-256.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import pathlib
 import sys
 import tempfile
-import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from a2u_jax import checkpointing, inputs, ops, resamplers
+from a2u_jax import checkpointing, inputs, resamplers
 from data_pipeline.files import NETWORK_STRIDE
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -49,47 +46,6 @@ def description_path(path: str | os.PathLike) -> pathlib.Path:
   """Where the JSON description of the artifact at `path` lies: FILE.json beside FILE."""
   path = pathlib.Path(path)
   return path.with_name(path.name + ".json")
-
-
-# ----------------------------------------------------------- shape-polymorphic pooling
-
-
-def _pool_matrix(size, bins: int, dtype) -> jax.Array:
-  """`ops.adaptive_avg_pool_matrix(size, bins)` as a traced (bins, size) array of `dtype`,
-  so `size` may be a symbolic dimension: the same bins (i*size // bins up to
-  ceil((i+1)*size / bins)) and the same weights (the reciprocal of the bin's size in
-  `dtype`)."""
-  i = jnp.arange(bins)[:, None]
-  start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
-  position = lax.broadcasted_iota(jnp.int32, (bins, size), 1)
-  inside = (position >= start) & (position < stop)
-  return jnp.where(inside, 1.0 / (stop - start), 0.0).astype(dtype)
-
-
-def _symbolic_adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
-  """`ops.adaptive_avg_pool` (N, H, W, C) -> (N, bins, bins, C) for symbolic H and W."""
-  rows, cols = _pool_matrix(x.shape[1], bins, x.dtype), _pool_matrix(x.shape[2], bins, x.dtype)
-  pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x, precision=lax.Precision.HIGHEST)
-  return jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)
-
-
-_TRACING = threading.Lock()
-
-
-@contextlib.contextmanager
-def _pooling_for_symbolic_shapes():
-  """While the network is traced for export, A2U's generators pool through
-  `_symbolic_adaptive_avg_pool`: `ops.adaptive_avg_pool` builds its averaging matrices in
-  NumPy, which needs the height and width as numbers. The two give the same numbers
-  (tests/test_export.py compares them from 1 to 250 rows), so a trace in another thread
-  meanwhile computes what it would have."""
-  with _TRACING:
-    original = ops.adaptive_avg_pool
-    ops.adaptive_avg_pool = _symbolic_adaptive_avg_pool
-    try:
-      yield
-    finally:
-      ops.adaptive_avg_pool = original
 
 
 # -------------------------------------------------------------------------- export
@@ -124,9 +80,8 @@ def export_model(model, variables: Mapping[str, Any],
   height, width = NETWORK_STRIDE * h, NETWORK_STRIDE * w
   specs = (jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32),
            jax.ShapeDtypeStruct((batch, height, width, 1), jnp.uint8))
-  with _pooling_for_symbolic_shapes():
-    return jax.export.export(jax.jit(serving_function(model, variables)),
-                             platforms=platforms)(*specs)
+  return jax.export.export(jax.jit(serving_function(model, variables)),
+                           platforms=platforms)(*specs)
 
 
 def _model_options(model) -> dict[str, Any]:

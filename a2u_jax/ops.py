@@ -396,23 +396,27 @@ def reassemble_down(features: jax.Array, kernels: jax.Array, *, kernel_size: int
 
 # --- The kernel generator's other functional pieces (used by a2u_jax.layers) ---------
 
-def adaptive_avg_pool_matrix(size: int, bins: int) -> np.ndarray:
+def adaptive_avg_pool_matrix(size, bins: int, dtype=jnp.float32) -> jax.Array:
   """(bins, size) averaging matrix of PyTorch's adaptive average pooling along one axis.
 
-  Bin i covers floor(i*size/bins) .. ceil((i+1)*size/bins) - 1; bins overlap when
-  `size` is not a multiple of `bins`.
+  Bin i covers floor(i*size/bins) .. ceil((i+1)*size/bins) - 1, each weighted by the
+  reciprocal of its length (computed in float32, float64 under `jax_enable_x64`, then
+  cast to `dtype`); bins overlap when `size` is not a multiple of `bins`. Built from
+  traced integers, so `size` may be a symbolic dimension (`jax.export`).
   """
-  matrix = np.zeros((bins, size), np.float64)
-  for i in range(bins):
-    start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
-    matrix[i, start:stop] = 1.0 / (stop - start)
-  return matrix
+  i = jnp.arange(bins)[:, None]
+  start, stop = (i * size) // bins, -((-(i + 1) * size) // bins)
+  position = lax.broadcasted_iota(jnp.int32, (bins, size), 1)
+  inside = (position >= start) & (position < stop)
+  return jnp.where(inside, 1.0 / (stop - start), 0.0).astype(dtype)
 
 
 def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
-  """(N, H, W, C) -> (N, bins, bins, C), PyTorch `AdaptiveAvgPool2d(bins)` semantics."""
-  rows = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], bins), x.dtype)
-  cols = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], bins), x.dtype)
+  """(N, H, W, C) -> (N, bins, bins, C), PyTorch `AdaptiveAvgPool2d(bins)` semantics.
+
+  H and W may be symbolic dimensions."""
+  rows = adaptive_avg_pool_matrix(x.shape[1], bins, x.dtype)
+  cols = adaptive_avg_pool_matrix(x.shape[2], bins, x.dtype)
   # Rows first: the large contraction is then one plain matrix product.
   pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x, precision=lax.Precision.HIGHEST)
   return jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)

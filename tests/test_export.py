@@ -21,17 +21,35 @@ PHOTOS = SHARED / "data" / "alphamatting_lowres"
 SIZES = {"01": (64, 40), "03": (44, 70)}
 
 
-def test_symbolic_pooling_gives_ops_averaging_matrices_exactly():
-  matrix = jax.jit(export._pool_matrix, static_argnums=(0, 1, 2))
-  # Sizes below, at and above the bins, with and without overlapping bins; 6 is A2U's k.
-  for size, bins in [(size, 6) for size in range(1, 14)] + [(40, 6), (250, 6), (5, 1),
-                                                           (9, 4), (10, 4), (11, 7)]:
-    np.testing.assert_array_equal(matrix(size, bins, jnp.float32),
-                                  ops.adaptive_avg_pool_matrix(size, bins).astype(np.float32),
-                                  err_msg=f"size {size}, bins {bins}")
+def _pytorch_bins(size, bins):
+  """PyTorch's AdaptiveAvgPool bins as a float64 (bins, size) averaging matrix."""
+  matrix = np.zeros((bins, size))
+  for i in range(bins):
+    start, stop = int(np.floor(i * size / bins)), int(np.ceil((i + 1) * size / bins))
+    matrix[i, start:stop] = 1 / (stop - start)
+  return matrix
+
+
+def test_adaptive_pooling_traces_with_symbolic_sizes():
+  # What lets the network export with a symbolic height and width: ops builds the
+  # averaging matrices from traced sizes, and, traced symbolically, they are exactly the
+  # concrete ones, which are PyTorch's bins with float32 weights.
+  size, = jax.export.symbolic_shape("size")
+  for bins in (1, 4, 6, 7):  # 6 is A2U's k
+    exported = jax.export.export(jax.jit(
+        lambda row, bins=bins: ops.adaptive_avg_pool_matrix(row.shape[0], bins)))(
+            jax.ShapeDtypeStruct((size,), jnp.float32))
+    for n in [*range(1, 14), 40, 250]:
+      expected = _pytorch_bins(n, bins).astype(np.float32)
+      np.testing.assert_array_equal(ops.adaptive_avg_pool_matrix(n, bins), expected,
+                                    err_msg=f"size {n}, bins {bins}")
+      np.testing.assert_array_equal(exported.call(jnp.zeros(n)), expected,
+                                    err_msg=f"symbolic size {n}, bins {bins}")
+  h, w = jax.export.symbolic_shape("h, w")
+  pool = jax.export.export(jax.jit(lambda x: ops.adaptive_avg_pool(x, 6)))(
+      jax.ShapeDtypeStruct((2, h, w, 32), jnp.float32))
   x = jax.random.normal(jax.random.key(0), (2, 40, 24, 32))
-  np.testing.assert_array_equal(export._symbolic_adaptive_avg_pool(x, 6),
-                                ops.adaptive_avg_pool(x, 6))
+  np.testing.assert_array_equal(pool.call(x), ops.adaptive_avg_pool(x, 6))
 
 
 @pytest.fixture(scope="module")
