@@ -16,7 +16,7 @@ The decisions come from `data_pipeline.protocol` (as for the tf.data executor,
 Images of different sizes are padded to a canvas whose sides come from `CANVAS_SIDES`
 (`collate`), so a run compiles once per distinct (canvas, background canvas) pair: a bounded
 set, whatever the dataset. Alphas are carried as integer codes into one table of float32
-values (`_alpha_tables`), computed once in NumPy with the reference's float32 operations, so
+values (`_alpha_values`), computed once in NumPy with the reference's float32 operations, so
 the alpha and the trimap (thresholds of those values) are bit-identical to the reference on
 every backend.
 
@@ -63,20 +63,38 @@ def canvas_side(size: int) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _alpha_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(value float32, definite foreground bool, definite background bool) per alpha code.
+def _alpha_values() -> np.ndarray:
+  """The float32 value of each alpha code.
 
   Codes 0..255 are 8-bit alphas (a / 255); code 256 + 256 a1 + a2 is the merge of two,
-  1 - (1 - a1)(1 - a2): the reference's float32 operations, one rounding each.
+  1 - (1 - a1)(1 - a2): the reference's float32 operations, one rounding each. The
+  reference's thresholds of these values reduce to integer tests of the codes
+  (`_definite`), checked here against the values themselves.
   """
   single = np.arange(256, dtype=np.float32) / np.float32(255)
   one = np.float32(1)
   merged = one - (one - single[:, None]) * (one - single[None, :])
-  value = np.concatenate([single, merged.reshape(-1)])
+  values = np.concatenate([single, merged.reshape(-1)])
   epsilon = np.float32(protocol.DEFINITE_EPSILON)
-  definite_fg = np.floor(value + epsilon) >= 1
-  definite_bg = np.floor(one - value + epsilon) >= 1
-  return value, definite_fg, definite_bg
+  definite_fg, definite_bg = _definite(np.arange(values.size))
+  assert np.array_equal(np.floor(values + epsilon) >= 1, definite_fg)
+  assert np.array_equal(np.floor(one - values + epsilon) >= 1, definite_bg)
+  assert np.array_equal(values >= 1, definite_fg)
+  return values
+
+
+def _definite(codes):
+  """(definite foreground, definite background) of alpha codes (NumPy or JAX integers).
+
+  A merge is definite foreground (and exactly 1) where either alpha is 255, definite
+  background where both are 0: the smallest non-zero product, (1/255)^2, is beyond the
+  reference's 1e-5. An 8-bit alpha is definite at 255 and 0 only.
+  """
+  xp = np if isinstance(codes, np.ndarray) else jnp
+  merged = codes >= _MERGED
+  first, second = (codes - _MERGED) // 256, (codes - _MERGED) % 256
+  return (xp.where(merged, (first == 255) | (second == 255), codes == 255),
+          xp.where(merged, (first == 0) & (second == 0), codes == 0))
 
 
 def _nearest_index(out_size: int, in_size: int) -> np.ndarray:
@@ -323,8 +341,8 @@ def _hsv_jitter(fg: jax.Array, alpha: jax.Array, hue_degrees, saturation_draw,
   return _hsv_to_rgb(jnp.where(is_hue, wrapped, reflected)) * 255.0
 
 
-def _compose_one(ex: dict[str, jax.Array], tables, crop_size: int) -> dict[str, jax.Array]:
-  value_table, fg_table, bg_table = tables
+def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: int
+                 ) -> dict[str, jax.Array]:
   canvas_height, canvas_width = ex["alpha"].shape
   rows = jnp.arange(canvas_height, dtype=jnp.int32)[:, None]
   cols = jnp.arange(canvas_width, dtype=jnp.int32)[None, :]
@@ -337,7 +355,7 @@ def _compose_one(ex: dict[str, jax.Array], tables, crop_size: int) -> dict[str, 
   alpha2 = ex["alpha2"][ex["second_rows"][:, None], ex["second_cols"][None, :]]
   merged_code = _MERGED + 256 * alpha1 + alpha2.astype(jnp.int32)
   in_source = (rows < height0) & (cols < width0)
-  merge = merge_drawn & jnp.any(in_source & (value_table[merged_code] < 1.0))
+  merge = merge_drawn & jnp.any(in_source & ~_definite(merged_code)[0])  # any value < 1
   source_code = jnp.where(merge, merged_code, alpha1)
 
   # 2-4. Resize, affine and flip: OpenCV's fixed-point warp onto the source.
@@ -358,8 +376,9 @@ def _compose_one(ex: dict[str, jax.Array], tables, crop_size: int) -> dict[str, 
   # 5. The trimap.
   in_grid = (rows < height) & (cols < width)
   runs = ex["kernel_runs"]
-  fg_eroded = _erode(fg_table[grid_code], in_grid, runs[0], runs[1])
-  bg_eroded = _erode(bg_table[grid_code], in_grid, runs[2], runs[3])
+  definite_fg, definite_bg = _definite(grid_code)
+  fg_eroded = _erode(definite_fg, in_grid, runs[0], runs[1])
+  bg_eroded = _erode(definite_bg, in_grid, runs[2], runs[3])
   trimap = jnp.where(bg_eroded, jnp.uint8(0),
                      jnp.where(fg_eroded, jnp.uint8(255), jnp.uint8(128)))
   unknown = (trimap == 128) & in_grid
@@ -369,16 +388,24 @@ def _compose_one(ex: dict[str, jax.Array], tables, crop_size: int) -> dict[str, 
   enlarged_unknown = unknown[ex["enlarged_rows"][:, None], ex["enlarged_cols"][None, :]]
   interior = ((rows >= margin) & (rows < grid_height - margin)
               & (cols >= margin) & (cols < grid_width - margin))
-  running = jnp.cumsum((enlarged_unknown & interior).reshape(-1), dtype=jnp.int32)
-  num_candidates = running[-1]
+  candidates = enlarged_unknown & interior
+  # The pick-th candidate in row-major order: its row from the rows' running counts, then
+  # its column within that row (two short scans instead of one over every pixel).
+  per_row = jnp.sum(candidates, axis=1, dtype=jnp.int32)
+  row_running = jnp.cumsum(per_row)
+  num_candidates = row_running[-1]
   pick_draw, top_draw, left_draw = ex["draws"]
   pick = pick_draw % jnp.maximum(num_candidates, 1).astype(jnp.uint32)
-  chosen = jnp.searchsorted(running, pick.astype(jnp.int32) + 1)
+  rank = pick.astype(jnp.int32) + 1
+  chosen_row = jnp.minimum(jnp.searchsorted(row_running, rank), canvas_height - 1)
+  rank_in_row = rank - (row_running[chosen_row] - per_row[chosen_row])
+  chosen_col = jnp.searchsorted(jnp.cumsum(candidates[chosen_row], dtype=jnp.int32),
+                                rank_in_row)
   centred = num_candidates >= protocol.MIN_UNKNOWN_FOR_CENTRED_CROP
-  top = jnp.where(centred, chosen // canvas_width - margin,
+  top = jnp.where(centred, chosen_row - margin,
                   (top_draw % (grid_height - crop_size + 1).astype(jnp.uint32)
                    ).astype(jnp.int32))
-  left = jnp.where(centred, chosen % canvas_width - margin,
+  left = jnp.where(centred, chosen_col - margin,
                    (left_draw % (grid_width - crop_size + 1).astype(jnp.uint32)
                     ).astype(jnp.int32))
   has_unknown = jnp.any(unknown)
@@ -392,11 +419,12 @@ def _compose_one(ex: dict[str, jax.Array], tables, crop_size: int) -> dict[str, 
   # The foreground at the crop's pixels only, merged there.
   inside, fg_rows, fg_cols = source_of(crop_rows, crop_cols)
   fg = jnp.where(inside[..., None], ex["fg"][fg_rows, fg_cols], 0).astype(jnp.float32)
+  # The second foreground's own pixels, through its resize map (as its alpha above).
+  rows2, cols2 = ex["second_rows"][fg_rows], ex["second_cols"][fg_cols]
   code1 = jnp.where(inside, alpha1[fg_rows, fg_cols], 0)
-  code2 = jnp.where(inside, alpha2[fg_rows, fg_cols].astype(jnp.int32), 0)
+  code2 = jnp.where(inside, ex["alpha2"][rows2, cols2].astype(jnp.int32), 0)
   a1, a2 = value_table[code1][..., None], value_table[code2][..., None]
   merged_alpha = value_table[_MERGED + 256 * code1 + code2][..., None]
-  rows2, cols2 = ex["second_rows"][fg_rows], ex["second_cols"][fg_cols]
   f2 = jnp.where(inside[..., None], ex["fg2"][rows2, cols2], 0).astype(jnp.float32)
   fg = jnp.where(merge, jnp.floor((fg * a1 + f2 * (1.0 - a1) * a2) / (merged_alpha + 1e-5)),
                  fg)
@@ -430,8 +458,8 @@ def _compose_one(ex: dict[str, jax.Array], tables, crop_size: int) -> dict[str, 
 
 
 @functools.partial(jax.jit, static_argnames=("crop_size",))
-def _compose(batch, tables, crop_size):
-  return jax.vmap(lambda ex: _compose_one(ex, tables, crop_size))(batch)
+def _compose(batch, value_table, crop_size):
+  return jax.vmap(lambda ex: _compose_one(ex, value_table, crop_size))(batch)
 
 
 def compose_batch(batch: dict[str, Any], crop_size: int) -> dict[str, Any]:
@@ -442,5 +470,4 @@ def compose_batch(batch: dict[str, Any], crop_size: int) -> dict[str, Any]:
     (B, crop, crop, 1); `trimap` uint8 (B, crop, crop, 1) in {0, 128, 255}; and
     `decisions`, the data-dependent ones (merge, crop corner, ...) per example.
   """
-  tables = tuple(jnp.asarray(t) for t in _alpha_tables())
-  return _compose(batch, tables, crop_size)
+  return _compose(batch, jnp.asarray(_alpha_values()), crop_size)
