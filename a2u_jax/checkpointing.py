@@ -77,7 +77,13 @@ def save_model_checkpoint(directory: str | os.PathLike, variables: dict[str, Any
 
 def load_model_checkpoint(directory: str | os.PathLike
                           ) -> tuple[models.MattingNet, dict[str, Any]]:
-  """Returns (model, variables) from a folder written by `save_model_checkpoint`."""
+  """Returns (model, variables) from a folder written by `save_model_checkpoint`.
+
+  Raises FileNotFoundError for a folder that is not a model checkpoint, and ValueError, in
+  one line naming the file, for a model.json that is not an object of MattingNet options, a
+  variables/ folder that cannot be read (damaged: a truncated or missing data file), and
+  variables that are not those of the network model.json describes (another resampler,
+  share, kernel size, the baseline's weights: the first differing module is named)."""
   directory = pathlib.Path(directory).absolute()
   config_path = directory / MODEL_FILE
   if not config_path.is_file() or not (directory / VARIABLES_DIR).is_dir():
@@ -87,14 +93,93 @@ def load_model_checkpoint(directory: str | os.PathLike
     model_config = json.loads(config_path.read_text())
   except json.JSONDecodeError as error:
     raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+  except UnicodeDecodeError:
+    raise ValueError(f"{config_path}: not a text file (the checkpoint is damaged)") from None
+  if not isinstance(model_config, dict):
+    raise ValueError(f"{config_path}: expected a JSON object of model options (as "
+                     f"save_model_checkpoint writes), got a {type(model_config).__name__}")
   version = model_config.pop("format_version", 1)
   if version not in (1, FORMAT_VERSION):
     raise ValueError(f"{config_path}: format_version {version!r} is not one this a2u-jax "
                      f"reads (1 to {FORMAT_VERSION}); was it written by a newer version?")
-  variables = _process_local_checkpointer().restore(directory / VARIABLES_DIR)
+  try:
+    variables = _restore_quietly(directory / VARIABLES_DIR)
+  except Exception as error:  # orbax/tensorstore: byte ranges, zstd, missing files ...
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raise ValueError(f"{directory / VARIABLES_DIR}: damaged or incomplete, cannot be read "
+                     f"({type(error).__name__}: {lines[0][:200] if lines else ''}); copy the "
+                     f"checkpoint again or write a new one") from None
   if version == 1:
     model_config, variables = migrate_from_version_1(model_config, variables)
-  return models.build_model(model_config), variables
+  try:
+    model = models.build_model(model_config)
+    model.family()
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"{config_path}: does not describe a network this a2u-jax builds "
+                     f"({error})") from None
+  _check_variables(model, variables, directory)
+  return model, variables
+
+
+def _check_variables(model: models.MattingNet, variables: dict[str, Any],
+                     directory: pathlib.Path) -> None:
+  """Raises ValueError naming the first module where `variables` differ (in names or
+  shapes) from those `model` makes; traces the initialisation only (no compute)."""
+  from data_pipeline.files import NETWORK_STRIDE
+
+  side = NETWORK_STRIDE * 2
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, side, side, 4), np.float32))
+
+  def shapes(tree):
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  want, have = shapes(dict(expected)), shapes(dict(variables))
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      module = name.rsplit("/", 1)[0]
+      if name not in have:
+        detail = f"{name} is missing from {VARIABLES_DIR}/"
+      elif name not in want:
+        detail = f"{VARIABLES_DIR}/ has {name}, which that network does not"
+      else:
+        detail = f"{name} is {have[name]} in {VARIABLES_DIR}/ but {want[name]} in that network"
+      raise ValueError(f"{directory}: {MODEL_FILE} and {VARIABLES_DIR}/ describe different "
+                       f"networks, first in module {module} ({detail}): the checkpoint is "
+                       f"damaged, or its {MODEL_FILE} is another network's (another resampler, "
+                       f"share, kernel size or the baseline)")
+
+
+def _restore_quietly(path: pathlib.Path) -> dict[str, Any]:
+  """The variables at `path`. When the restore fails, tensorstore's reads still under way
+  report into orbax's closed event loop from their threads, printing tracebacks on
+  stderr after the error (and after any message about it): file descriptor 2 is held in a
+  temporary file while restoring, replayed on success and dropped, once those reads have
+  ended, on failure."""
+  import sys
+  import time
+
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      checkpointer = _process_local_checkpointer()
+      try:
+        return checkpointer.restore(path)
+      except BaseException:
+        time.sleep(0.5)  # the other reads end (and report) here
+        held.truncate(0)
+        raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      replay = held.read()
+      if replay:
+        os.write(2, replay)
 
 
 def migrate_from_version_1(model_config: dict[str, Any], variables: dict[str, Any]

@@ -36,6 +36,34 @@ def sow_largest_tap(module: nn.Module, kernels: jax.Array, taps: int) -> None:
              {"mean": jnp.mean(jnp.max(weights, axis=-1)), "uniform": jnp.float32(1 / taps)})
 
 
+def check_options(module: nn.Module) -> None:
+  """Checks the A2U options `module` has, where it is made (`__post_init__`): counts are
+  positive integers, `up_kernel_size` is odd, `share` a bool, `implementation` one of
+  `ops.IMPLEMENTATIONS` or None. Raises ValueError naming the module and the option."""
+  kind = type(module).__name__
+  for name in ("up_kernel_size", "encode_kernel_size", "rank", "groups", "norm_groups"):
+    if not hasattr(module, name):
+      continue
+    value = getattr(module, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{kind}: `{name}` must be a positive integer, got {value!r}.")
+  if hasattr(module, "up_kernel_size") and module.up_kernel_size % 2 != 1:
+    raise ValueError(f"{kind}: `up_kernel_size` must be odd and positive, got "
+                     f"{module.up_kernel_size}.")
+  if hasattr(module, "share") and not isinstance(module.share, bool):
+    raise ValueError(f"{kind}: `share` must be True or False, got {module.share!r}.")
+  implementation = getattr(module, "implementation", None)
+  if implementation is not None and implementation not in ops.IMPLEMENTATIONS:
+    raise ValueError(f"{kind}: `implementation` must be one of {ops.IMPLEMENTATIONS} or None, "
+                     f"got {implementation!r}.")
+
+
+def _nonempty(x: jax.Array) -> jax.Array:
+  """`x`, or one zero example in its place when its batch axis is empty: the layers run on
+  it (making or using their variables as for any batch) and return none of it."""
+  return x if x.shape[0] else jnp.zeros((1,) + x.shape[1:], x.dtype)
+
+
 class A2UKernelGenerator(nn.Module):
   """A2U's kernel generator: paired 2x downsampling and upsampling kernels from one map.
 
@@ -72,6 +100,10 @@ class A2UKernelGenerator(nn.Module):
   norm_groups: int = 32
   dtype: Dtype | None = None
 
+  def __post_init__(self):
+    check_options(self)
+    super().__post_init__()
+
   def _check(self, x: jax.Array) -> None:
     if x.ndim != 4:
       raise ValueError(f"A2UKernelGenerator: `x` must be NHWC (rank 4), got shape {x.shape}.")
@@ -94,8 +126,9 @@ class A2UKernelGenerator(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     self._check(x)
+    batch = x.shape[0]
     dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
-    x = x.astype(dtype)
+    x = _nonempty(x).astype(dtype)
     n, h, w, c = x.shape
     s, k, d, g = self.up_kernel_size, self.encode_kernel_size, self.rank, self.groups
     taps_down = (2 * s)**2
@@ -127,8 +160,8 @@ class A2UKernelGenerator(nn.Module):
     if s > 1:
       up = jax.nn.softmax(up, axis=-1)
     down = jax.nn.softmax(down.reshape(n, h // 2, w // 2, g, taps_down), axis=-1)
-    return (down.reshape(n, h // 2, w // 2, g * taps_down),
-            up.reshape(n, h, w, g * s * s))
+    return (down.reshape(n, h // 2, w // 2, g * taps_down)[:batch],
+            up.reshape(n, h, w, g * s * s)[:batch])
 
 
 class A2UDownsample(nn.Module):
@@ -158,9 +191,15 @@ class A2UDownsample(nn.Module):
   dtype: Dtype | None = None
   implementation: str | None = None
 
+  def __post_init__(self):
+    check_options(self)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     del train  # see the docstring
+    batch = x.shape[0]
+    x = _nonempty(x)
     down_kernels, up_kernels = A2UKernelGenerator(
         up_kernel_size=self.up_kernel_size, encode_kernel_size=self.encode_kernel_size,
         rank=self.rank, groups=self.groups, share=self.share, norm_groups=self.norm_groups,
@@ -169,7 +208,7 @@ class A2UDownsample(nn.Module):
     y = ops.reassemble_down(x, down_kernels.astype(x.dtype),
                             kernel_size=2 * self.up_kernel_size, groups=self.groups,
                             implementation=self.implementation)
-    return y, up_kernels
+    return y[:batch], up_kernels[:batch]
 
 
 class A2UUpsample(nn.Module):
@@ -194,6 +233,10 @@ class A2UUpsample(nn.Module):
   groups: int = 1
   implementation: str | None = None
 
+  def __post_init__(self):
+    check_options(self)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x: jax.Array, up_kernels: jax.Array | None = None,
                guide: jax.Array | None = None) -> jax.Array:
@@ -201,6 +244,10 @@ class A2UUpsample(nn.Module):
     if up_kernels is None:
       raise ValueError("A2UUpsample needs the up kernels that its paired A2UDownsample "
                        "returned (`up_kernels`)")
+    batch = x.shape[0]
+    if not batch:
+      x, up_kernels = _nonempty(x), _nonempty(up_kernels)
     sow_largest_tap(self, up_kernels, self.up_kernel_size**2)
     return ops.reassemble_up(x, up_kernels.astype(x.dtype), kernel_size=self.up_kernel_size,
-                             groups=self.groups, implementation=self.implementation)
+                             groups=self.groups,
+                             implementation=self.implementation)[:batch]

@@ -436,3 +436,93 @@ def test_model_inputs_refuses_what_its_docstring_does_not_allow():
     jax.jit(inputs.model_inputs)((image * 255).astype(np.uint8), trimap)
   assert jax.jit(inputs.model_inputs)(image, trimap).shape == (1, 2, 2, 4)
   assert inputs.model_inputs(image[:0], trimap[:0]).shape == (0, 2, 2, 4)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"norm_groups": 0}, "`norm_groups` must be a positive integer, got 0"),
+    ({"rank": 2.5}, "`rank` must be a positive integer, got 2.5"),
+    ({"groups": True}, "`groups` must be a positive integer, got True"),
+    ({"up_kernel_size": 4}, "`up_kernel_size` must be odd"),
+    ({"share": "yes"}, "`share` must be True or False"),
+    ({"implementation": "fast"}, "`implementation` must be one of"),
+])
+def test_a2u_layer_options_are_checked_where_the_layer_is_made(options, message):
+  from a2u_jax import layers
+
+  for layer in (layers.A2UDownsample, layers.A2UKernelGenerator, layers.A2UUpsample):
+    fields = layer.__dataclass_fields__
+    if all(name in fields for name in options):
+      with pytest.raises(ValueError, match=f"{layer.__name__}: {message}"):
+        layer(**options)
+
+
+def test_empty_batches_give_empty_outputs_or_name_the_axis():
+  import jax
+  import jax.numpy as jnp
+
+  from a2u_jax import layers, models
+
+  down = layers.A2UDownsample(norm_groups=4)
+  variables = down.init(jax.random.PRNGKey(0), jnp.zeros((0, 8, 8, 8)))  # made from none
+  y, kernels = down.apply(variables, jnp.zeros((0, 8, 8, 8)))
+  assert y.shape == (0, 4, 4, 8) and kernels.shape == (0, 8, 8, 9)
+  assert layers.A2UUpsample().apply({}, jnp.zeros((0, 4, 4, 8)), kernels).shape == (0, 8, 8, 8)
+  net = models.build_model({"resampler": "a2u", "resampler_options": {"norm_groups": 4}})
+  x = jnp.zeros((0, 32, 32, 4))
+  variables = jax.jit(net.init)(jax.random.PRNGKey(0), x)
+  assert jax.jit(net.apply)(variables, x).shape == (0, 32, 32, 1)
+  with pytest.raises(ValueError, match=r"the batch axis \(0\) of the input is empty"):
+    net.apply(variables, x, train=True, mutable=["batch_stats"],
+              rngs={"dropout": jax.random.PRNGKey(1)})
+
+
+# -------------------------------------------------------------- model checkpoints
+
+
+def _damaged(checkpoint: pathlib.Path, tmp_path: pathlib.Path, how: str) -> pathlib.Path:
+  import shutil
+
+  copy = tmp_path / how
+  shutil.copytree(checkpoint, copy)
+  described = json.loads((copy / "model.json").read_text())
+  data = max((p for p in (copy / "variables").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  if how == "list":
+    (copy / "model.json").write_text("[1, 2]")
+  elif how == "unshare":
+    described["resampler_options"]["share"] = False
+    (copy / "model.json").write_text(json.dumps(described))
+  elif how == "baseline":
+    (copy / "model.json").write_text(json.dumps({"resampler": "baseline", "format_version": 2}))
+  elif how == "kernel":
+    described["resampler_options"]["up_kernel_size"] = 5
+    (copy / "model.json").write_text(json.dumps(described))
+  elif how == "truncated":
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  elif how == "missing":
+    data.unlink()
+  return copy
+
+
+@pytest.mark.parametrize("how,message", [
+    ("list", "model.json: expected a JSON object of model options"),
+    ("unshare", "model.json and variables/ describe different networks, first in module "
+                "params/down0/generator/encode_u"),
+    ("kernel", "describe different networks, first in module params/"),
+    ("baseline", "describe different networks, first in module "),
+    ("truncated", "variables: damaged or incomplete, cannot be read"),
+    ("missing", "variables: damaged or incomplete, cannot be read"),
+])
+def test_a_damaged_or_mismatched_model_checkpoint_is_one_line(how, message,
+                                                              converted_checkpoint, tmp_path):
+  from a2u_jax import checkpointing
+
+  copy = _damaged(converted_checkpoint, tmp_path, how)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
+    checkpointing.load_model_checkpoint(copy)
+  assert "\n" not in str(error.value) and str(copy) in str(error.value)
+  if how in ("unshare", "missing"):  # and through a CLI
+    _write_scene(tmp_path / "scene")
+    process = _predict_cli(copy, tmp_path / "scene" / "image" / "a.png",
+                           tmp_path / "scene" / "trimap" / "a.png", tmp_path / "out")
+    _one_clear_line(process, message)

@@ -95,6 +95,14 @@ class MattingNet(nn.Module):
       raise ValueError(f"MattingNet: input height and width must be multiples of "
                        f"{NETWORK_STRIDE}, got "
                        f"{x.shape[1]} x {x.shape[2]} (pad with reflection and crop back).")
+    batch = x.shape[0]
+    if batch == 0:
+      if train:
+        raise ValueError("MattingNet: the batch axis (0) of the input is empty; a training "
+                         "step needs at least one image.")
+      # An empty batch gives an empty output: one zero image runs instead (the variables
+      # are made and used as for any batch) and none of it is returned.
+      x = jnp.zeros((1,) + x.shape[1:], x.dtype)
     family = self.family()
     kw = dict(axis_name=self.axis_name, dtype=self.dtype)
     inputs = x.astype(self.dtype or jnp.float32)
@@ -132,7 +140,7 @@ class MattingNet(nn.Module):
 
     y = ConvABN(1, 3, name="head", **kw)(y, train)
     y = conv(1, 3, dtype=self.dtype, name="head_out")(y)
-    return y.astype(jnp.promote_types(self.dtype or jnp.float32, jnp.float32))
+    return y[:batch].astype(jnp.promote_types(self.dtype or jnp.float32, jnp.float32))
 
 
 def a2u_matting(share: bool = True, **overrides) -> MattingNet:
