@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny settings) and print their tables."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -145,3 +146,15 @@ def test_reconstruction_benchmark_table_figure_and_fashion_mnist_reader(tmp_path
   result = subprocess.run([sys.executable, "benchmarks/reconstruction.py", "--fashion-mnist",
                            str(folder)], cwd=ROOT, capture_output=True, text=True, check=False)
   assert result.returncode != 0 and "not an IDX image file" in result.stderr
+
+
+@pytest.mark.slow  # the JAX pipeline's accelerator check at toy size: ~4 min on two cores
+def test_pipeline_check_trains_resumes_and_validates(tmp_path):
+  out_file = tmp_path / "pipeline_check.json"
+  out = _run("benchmarks/pipeline_check.py", "--quick", "--out", str(out_file))
+  assert "1. device-side augmentation" in out and "2. the whole pipeline" in out
+  report = json.loads(out_file.read_text())
+  assert report["pipeline"]["compiles_while_timed"] == 0
+  train = report["train"]
+  assert train["steps"] == 6 and train["killed_after_step"] < 6
+  assert train["resumed_losses_equal"] and train["best_model"]

@@ -48,7 +48,9 @@ MODEL_DIR = "model"
 BEST_MODEL_DIR = "best_model"
 # "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
 # "numpy": data_pipeline.SyntheticStream (synthetic data only; no TensorFlow).
-PIPELINES = ("tf", "numpy")
+# "jax": data_pipeline.jax_pipeline (the protocol composited on the accelerator; no
+# TensorFlow; every file source and synthetic data).
+PIPELINES = ("tf", "numpy", "jax")
 log = logging.getLogger(__name__)
 
 
@@ -186,8 +188,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.pipeline == "numpy" and config.data.source != "synthetic":
     raise ValueError(f"config.data.pipeline='numpy' has only the synthetic source, got "
                      f"config.data.source={config.data.source!r}: real data goes through "
-                     f"the tf.data pipeline (--config.data.pipeline=tf, with pip install "
-                     f"'a2u-jax[train]')")
+                     f"the JAX pipeline (--config.data.pipeline=jax) or the tf.data one "
+                     f"(--config.data.pipeline=tf, with pip install 'a2u-jax[train]')")
   accepted = _source_options(config)
   foreign = [key for key in config.data.options if accepted is not None and key not in accepted]
   if foreign:
@@ -340,6 +342,12 @@ def _source_options(config: ml_collections.ConfigDict) -> list[str] | None:
 
   if config.data.pipeline == "numpy":
     function = data_pipeline.SyntheticStream
+  elif config.data.pipeline == "jax":
+    from data_pipeline import jax_pipeline
+    if config.data.source not in jax_pipeline.SOURCES:
+      raise ValueError(f"config.data.source must be one of {', '.join(jax_pipeline.SOURCES)} "
+                       f"with config.data.pipeline='jax', got {config.data.source!r}")
+    return jax_pipeline.source_options(config.data.source)
   else:
     if config.data.source not in data_pipeline.SOURCES:
       raise ValueError(f"config.data.source must be one of {', '.join(data_pipeline.SOURCES)}, "
@@ -358,6 +366,9 @@ def _training_source(config: ml_collections.ConfigDict):
 
   if config.data.pipeline == "numpy":
     return data_pipeline.SyntheticStream(**config.data.options)
+  if config.data.pipeline == "jax":
+    from data_pipeline import jax_pipeline
+    return jax_pipeline.host_source(config.data.source, **config.data.options)
   try:
     data_pipeline.require_tensorflow(f"config.data.source={config.data.source!r} through "
                                      f"config.data.pipeline='tf'")
@@ -368,11 +379,15 @@ def _training_source(config: ml_collections.ConfigDict):
   return data_pipeline.build_source(config.data.source, **config.data.options)
 
 
-def _training_batches(source, **options):
+def _training_batches(source, runtime: parallel.DataParallel, **options):
+  """Host batches (NumPy), or with the JAX pipeline batches already on the mesh."""
   import data_pipeline
 
   if isinstance(source, data_pipeline.SyntheticStream):
     return source.batches(**options)
+  from data_pipeline import jax_pipeline
+  if isinstance(source, jax_pipeline.HostSource):
+    return runtime.composited(jax_pipeline.JaxStream(source, **options))
   return data_pipeline.train_batches(source, **options)
 
 
@@ -493,7 +508,8 @@ class _Logger:
     if not enabled:
       return
     try:
-      import tensorflow as tf
+      from a2u_jax.quiet_tensorflow import import_tensorflow
+      tf = import_tensorflow()
     except ImportError:
       log.info("TensorBoard summaries skipped: TensorFlow is not installed (pip install "
                "'a2u-jax[train]'); metrics go to %s", self.path)
@@ -629,7 +645,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
                  "resuming" if start_step else "starting", start_step, total_steps)
 
   batches = _training_batches(
-      source, batch_size=host_batch, crop_size=config.crop_size, seed=config.seed,
+      source, runtime, batch_size=host_batch, crop_size=config.crop_size, seed=config.seed,
       shard_index=jax.process_index(), num_shards=jax.process_count(),
       skip_batches=start_step)
 
@@ -684,6 +700,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
         if logging_now:
           logger.scalars(step, last)
         if summarising:
+          batch = runtime.local_batch(batch)
           logger.images(step, batch, predictor(device_state)(batch["image"], batch["trimap"]))
         # Everything a step logs is written before its checkpoint is: a run killed after
         # the checkpoint resumes past this step and would not log it again.
