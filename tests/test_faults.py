@@ -526,3 +526,28 @@ def test_a_damaged_or_mismatched_model_checkpoint_is_one_line(how, message,
     process = _predict_cli(copy, tmp_path / "scene" / "image" / "a.png",
                            tmp_path / "scene" / "trimap" / "a.png", tmp_path / "out")
     _one_clear_line(process, message)
+
+
+def test_predict_and_evaluate_read_files_upright_by_their_exif_orientation(tmp_path):
+  import numpy as np
+  from PIL import Image
+
+  import data_pipeline
+  from a2u_jax import predict
+  from tests.test_bad_inputs import _scene
+
+  image, trimap = _scene()  # 48 wide, 32 high as stored; orientation 6 turns it upright
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  for kind, array in (("image", image), ("trimap", trimap), ("alpha", trimap)):
+    (tmp_path / kind).mkdir()
+    Image.fromarray(array).save(tmp_path / kind / "a.png", exif=exif.tobytes())
+  upright_image, upright_trimap, _ = predict.read_pair(
+      tmp_path / "image" / "a.png", tmp_path / "trimap" / "a.png", round_trimap=False)
+  np.testing.assert_array_equal(upright_image, np.rot90(image, -1))
+  np.testing.assert_array_equal(upright_trimap, np.rot90(trimap, -1))
+  item = data_pipeline.folder_items(tmp_path)[0]
+  assert (item.height, item.width) == (48, 32)
+  loaded_image, loaded_trimap, loaded_alpha = item.load()
+  np.testing.assert_array_equal(loaded_image, np.rot90(image, -1))
+  np.testing.assert_array_equal(loaded_alpha, np.rot90(trimap, -1))
