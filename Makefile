@@ -12,8 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The demo's run skips validation (its compile is as long as the training step's); the
+# example's matte afterwards shows the network's output.
 demo: $(VENV)/.installed
-	$(PY) train.py --config configs/smoke.py --workdir demo_out/run
+	$(PY) train.py --config configs/smoke.py --workdir demo_out/run --config.eval_every=0
 	$(PY) -m a2u_jax.demo --checkpoint demo_out/run/model --out demo_out
 
 # One pytest worker per core (at most 4); a test file stays on one worker, so its

@@ -181,11 +181,27 @@ def format_table(summary: dict[str, Any]) -> str:
   return f"{header}\n{row}\n{units}"
 
 
-def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | os.PathLike, *,
-             devices: Sequence[jax.Device] | None = None, batch_per_device: int = 1,
-             resume: bool = False, run_info: dict[str, Any] | None = None,
-             progress: bool = True, predictor: predict.Predictor | None = None
-             ) -> dict[str, Any]:
+def evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | os.PathLike,
+             **options) -> dict[str, Any]:
+  """`_evaluate` (below) with `out_dir` locked: a second evaluation into the same folder is
+  refused while this one runs, naming it (process 0 holds the lock)."""
+  from a2u_jax.training import workdir as workdir_lib
+
+  out_dir = pathlib.Path(out_dir)
+  if distributed.is_lead():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.lock(out_dir, "--out")
+  try:
+    return _evaluate(model, variables, items, out_dir, **options)
+  finally:
+    workdir_lib.release(out_dir)
+
+
+def _evaluate(model, variables: dict[str, Any], items: Sequence, out_dir: str | os.PathLike,
+              *, devices: Sequence[jax.Device] | None = None, batch_per_device: int = 1,
+              resume: bool = False, run_info: dict[str, Any] | None = None,
+              progress: bool = True, predictor: predict.Predictor | None = None
+              ) -> dict[str, Any]:
   """Predicts, saves and scores every item; returns `summarize` of all rows of the CSV
   (with "compilations" and "seconds" added).
 

@@ -551,3 +551,26 @@ def test_predict_and_evaluate_read_files_upright_by_their_exif_orientation(tmp_p
   loaded_image, loaded_trimap, loaded_alpha = item.load()
   np.testing.assert_array_equal(loaded_image, np.rot90(image, -1))
   np.testing.assert_array_equal(loaded_alpha, np.rot90(trimap, -1))
+
+
+def test_tensorboard_s_tensorflow_comes_without_its_banner():
+  process = _cli("-c", "from a2u_jax.quiet_tensorflow import import_tensorflow; "
+                       "import sys; print('warning kept', file=sys.stderr); "
+                       "assert import_tensorflow().__name__ == 'tensorflow'")
+  assert process.returncode == 0, process.stderr[-2000:]
+  assert "oneDNN custom operations" not in process.stderr
+  assert "absl::InitializeLog()" not in process.stderr and "warning kept" in process.stderr
+
+
+def test_a_second_evaluation_into_an_out_in_use_is_refused(converted_checkpoint, tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  holder = _hold_lock(out)
+  try:
+    process = _cli("-m", "a2u_jax.evaluate", "--checkpoint", str(converted_checkpoint),
+                   "--data", "synthetic", "--count", "1", "--out", str(out), "--no-progress")
+    _one_clear_line(process, f"--out {out}: in use by another run (pid {holder.pid} on ")
+    assert sorted(p.name for p in out.iterdir()) == [workdir_lib.LOCK_FILE]
+  finally:
+    holder.kill()
+    holder.wait()

@@ -43,23 +43,32 @@ def claim(workdir: pathlib.Path, *, lead: bool) -> None:
           f"--workdir {workdir}: holds another run's results ({', '.join(found)}) but no "
           f"checkpoints/ to resume from; starting over would replace them. Use another "
           f"--workdir, or move those away first")
-  if not lead or workdir in _held:
+  if lead:
+    lock(workdir, "--workdir")
+
+
+def lock(folder: pathlib.Path, flag: str) -> None:
+  """Takes `folder`'s lock for this process (again: no change), or raises ValueError
+  naming the process that holds it; `flag` names the folder's option in the message.
+  Release with `release(folder)`."""
+  folder = pathlib.Path(folder).absolute()
+  if folder in _held:
     return
-  handle = open(workdir / LOCK_FILE, "a+")  # pylint: disable=consider-using-with
+  handle = open(folder / LOCK_FILE, "a+")  # pylint: disable=consider-using-with
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     handle.seek(0)
     holder = _describe(handle.read())
     handle.close()
-    raise ValueError(f"--workdir {workdir}: in use by another run ({holder}); wait for it to "
-                     f"finish or stop it, or use another --workdir") from None
+    raise ValueError(f"{flag} {folder}: in use by another run ({holder}); wait for it to "
+                     f"finish or stop it, or use another {flag}") from None
   handle.seek(0)
   handle.truncate()
   handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
   handle.flush()
-  _held[workdir] = handle
+  _held[folder] = handle
 
 
 def release(workdir: pathlib.Path) -> None:
