@@ -574,3 +574,27 @@ def test_a_second_evaluation_into_an_out_in_use_is_refused(converted_checkpoint,
   finally:
     holder.kill()
     holder.wait()
+
+
+def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
+  from tests.test_multiprocess import _env, _free_port
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = _hold_lock(workdir)
+  port = _free_port()
+  env = _env(1)  # one device per process: the smoke config's batch splits over two
+  try:
+    other = subprocess.Popen([sys.executable, *_cluster(port, 2, 1, "60"), "--workdir",
+                              str(workdir)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    lead = subprocess.run([sys.executable, *_cluster(port, 2, 0, "60"), "--workdir",
+                           str(workdir)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    _, other_err = other.communicate(timeout=120)
+  finally:
+    holder.kill()
+    holder.wait()
+  _one_clear_line(lead, f"in use by another run (pid {holder.pid} on ")
+  _one_clear_line(subprocess.CompletedProcess([], other.returncode, "", other_err),
+                  "refused by process 0 (its error says why)")

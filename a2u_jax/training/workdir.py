@@ -28,8 +28,31 @@ def claim(workdir: pathlib.Path, *, lead: bool) -> None:
   Every process checks that a workdir holding another run's results (RESULTS) also holds
   its checkpoints/ (without them the run would restart from step 0 over those results);
   process 0 (`lead`) also takes the lock, refusing a workdir another process holds. Release
-  with `release(workdir)`.
+  with `release(workdir)`. In a multi-process run this is collective: when one process
+  refuses, every process raises (the others would otherwise wait for it at their first
+  collective until JAX aborts).
   """
+  try:
+    _claim(workdir, lead=lead)
+    refused = None
+  except ValueError as error:
+    refused = error
+  import jax
+  import numpy as np
+
+  if jax.process_count() > 1:
+    from a2u_jax import distributed
+
+    flags = distributed.allgather(np.array([refused is not None], np.int32)).reshape(-1)
+    if refused is None and flags.any():
+      release(workdir)
+      raise ValueError(f"--workdir {pathlib.Path(workdir).absolute()}: refused by process "
+                       f"{int(np.flatnonzero(flags)[0])} (its error says why)")
+  if refused is not None:
+    raise refused
+
+
+def _claim(workdir: pathlib.Path, *, lead: bool) -> None:
   workdir = pathlib.Path(workdir).absolute()
   checkpoints = workdir / "checkpoints"
   if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
