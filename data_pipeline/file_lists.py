@@ -185,3 +185,32 @@ def d646_lists(root: str | os.PathLike, background_dir: str | os.PathLike, *,
   background_dir = require_dir(background_dir, "background_dir")
   return FileLists(f"d646({root})", foregrounds, alphas,
                    [str(p) for p in images_in(background_dir)], backgrounds_per_foreground)
+
+
+def background_paths(background_dir: str | os.PathLike) -> list[str]:
+  """The images of a background folder (SourceError if there are none)."""
+  background_dir = require_dir(background_dir, "background_dir")
+  paths = [str(p) for p in images_in(background_dir)]
+  if not paths:
+    raise SourceError(f"no backgrounds found in {background_dir}")
+  return paths
+
+
+def tfds_foreground_records(dataset: str, data_dir: str | os.PathLike):
+  """The training records of a prepared TFDS matting set (`data_pipeline.tfds_builders`,
+  config 'foregrounds'), by index: dicts with the encoded "foreground" and "alpha"."""
+  import tensorflow_datasets as tfds
+
+  from data_pipeline import tfds_builders
+
+  builder = tfds_builders.load_builder(dataset, str(data_dir), "foregrounds")
+  if not builder.is_prepared():
+    raise SourceError(f"{dataset}/foregrounds is not prepared in {data_dir}; run "
+                      f"data_pipeline.tfds_builders.prepare({dataset!r}, MANUAL_DIR, "
+                      f"{str(data_dir)!r}, config='foregrounds')")
+  skip = tfds.decode.SkipDecoding()
+  records = builder.as_data_source(split="train",
+                                   decoders={"foreground": skip, "alpha": skip})
+  if not len(records):
+    raise SourceError(f"{dataset}/foregrounds in {data_dir} has no examples")
+  return records

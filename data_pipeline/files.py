@@ -51,8 +51,10 @@ EXIF_TRANSFORMS = {
 }
 
 
-def read_image(path: str | os.PathLike, kind: str) -> tuple[np.ndarray, bool]:
-  """Reads an image file as `cv2.imread` does: (array, whether an alpha channel was dropped).
+def read_image(path: str | os.PathLike | bytes, kind: str, *, name: str | None = None
+               ) -> tuple[np.ndarray, bool]:
+  """Reads an image file (a path, or its bytes with `name` to show in errors) as
+  `cv2.imread` does: (array, whether an alpha channel was dropped).
 
   kind: "rgb" -> uint8 (H, W, 3), the values of cv2.imread(path) in RGB order; "grey"
   (trimaps, alpha mattes) -> uint8 (H, W), those of cv2.imread(path, cv2.IMREAD_GRAYSCALE),
@@ -74,8 +76,10 @@ def read_image(path: str | os.PathLike, kind: str) -> tuple[np.ndarray, bool]:
   """
   if kind not in ("rgb", "grey", "alpha"):
     raise ValueError(f"kind must be 'rgb', 'grey' or 'alpha', got {kind!r}")
+  encoded = isinstance(path, bytes)
+  source, path = (io.BytesIO(path), name or "<encoded image>") if encoded else (path, path)
   try:
-    with Image.open(path) as image:
+    with Image.open(source) as image:
       mode = image.mode
       if mode in ("I", "F"):
         raise SourceError(f"{path}: {'32-bit integer' if mode == 'I' else 'floating-point'} "
@@ -86,7 +90,7 @@ def read_image(path: str | os.PathLike, kind: str) -> tuple[np.ndarray, bool]:
         values, dropped = np.asarray(image.convert("RGBA").getchannel("A")), False
       else:
         values = _decode(image, "grey" if kind == "alpha" else kind)
-    return orient(values, exif_orientation(path)), dropped
+    return orient(values, exif_orientation(source.getvalue() if encoded else path)), dropped
   except SourceError:
     raise
   except FileNotFoundError:

@@ -27,7 +27,7 @@ from data_pipeline import file_lists, jax_composition, protocol, synthetic
 from data_pipeline.files import (SourceError, check_positive, check_stream_arguments,
                                  read_image)
 
-SOURCES = ("synthetic", "adobe", "d646", "folder")
+SOURCES = ("synthetic", "adobe", "d646", "folder", "tfds")
 _NO_END = 2**62
 
 
@@ -91,6 +91,36 @@ def synthetic_source(num_foregrounds: int = 8, num_backgrounds: int = 16,
                     backgrounds_per_foreground)
 
 
+class _TfdsHostSource(HostSource):
+  """Foregrounds from a prepared TFDS set's records (decoded on the host as files are)."""
+
+  def __init__(self, dataset: str, data_dir, background_dir,
+               backgrounds_per_foreground: int, cache_images: int = 256):
+    self._records = file_lists.tfds_foreground_records(dataset, data_dir)
+    super().__init__(f"tfds({dataset})", range(len(self._records)),
+                     range(len(self._records)), file_lists.background_paths(background_dir),
+                     backgrounds_per_foreground, cache_images)
+    self._decode_record = functools.lru_cache(maxsize=cache_images)(self._decode_pair)
+
+  def _decode_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    record = self._records[index]
+    name = f"{self.name} record {index}"
+    return (read_image(record["foreground"], "rgb", name=f"{name} foreground")[0],
+            read_image(record["alpha"], "grey", name=f"{name} alpha")[0])
+
+  def foreground(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    return self._decode_record(int(index))
+
+
+def tfds_source(dataset: str, data_dir: str | os.PathLike,
+                background_dir: str | os.PathLike, *,
+                backgrounds_per_foreground: int = 100) -> HostSource:
+  """Training foregrounds of a prepared TFDS matting set ('composition1k' or
+  'distinctions646'; needs tensorflow-datasets, not TensorFlow) on the images of
+  `background_dir`."""
+  return _TfdsHostSource(dataset, data_dir, background_dir, backgrounds_per_foreground)
+
+
 def _from_lists(lists: file_lists.FileLists) -> HostSource:
   file_lists.check(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds)
   return HostSource(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds,
@@ -98,14 +128,12 @@ def _from_lists(lists: file_lists.FileLists) -> HostSource:
 
 
 def host_source(name: str, **options) -> HostSource:
-  """A training source by name ('synthetic', 'adobe', 'd646', 'folder') with the options
-  of the tf.data source of that name; files are checked as those are."""
-  if name == "synthetic":
-    return synthetic_source(**options)
+  """A training source by name ('synthetic', 'adobe', 'd646', 'folder', 'tfds') with the
+  options of the tf.data source of that name; files are checked as those are."""
   if name not in SOURCES:
-    raise ValueError(f"the JAX pipeline's sources are {', '.join(SOURCES)}, got {name!r}"
-                     + (" (the tfds source needs --config.data.pipeline=tf)"
-                        if name == "tfds" else ""))
+    raise ValueError(f"the JAX pipeline's sources are {', '.join(SOURCES)}, got {name!r}")
+  if name in ("synthetic", "tfds"):
+    return globals()[f"{name}_source"](**options)
   return _from_lists(getattr(file_lists, f"{name}_lists")(**options))
 
 
@@ -113,7 +141,8 @@ def source_options(name: str) -> list[str]:
   """The option names `host_source(name, ...)` takes."""
   import inspect
 
-  function = synthetic_source if name == "synthetic" else getattr(file_lists, f"{name}_lists")
+  function = (globals()[f"{name}_source"] if name in ("synthetic", "tfds")
+              else getattr(file_lists, f"{name}_lists"))
   return list(inspect.signature(function).parameters)
 
 

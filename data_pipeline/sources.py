@@ -19,7 +19,6 @@ from data_pipeline import file_lists, synthetic
 from data_pipeline.files import SourceError
 from data_pipeline.files import EXIF_TRANSFORMS, exif_orientation
 from data_pipeline.files import check_positive as _check_positive
-from data_pipeline.files import require_dir as _require_dir
 
 class Source:
   """Foreground/alpha pairs and backgrounds, addressable by index in a TF graph.
@@ -223,24 +222,8 @@ class TfdsSource(Source):
 
   def __init__(self, name: str, data_dir: str | os.PathLike,
                background_dir: str | os.PathLike, backgrounds_per_foreground: int = 100):
-    import tensorflow_datasets as tfds
-
-    from data_pipeline import tfds_builders
-
-    builder = tfds_builders.load_builder(name, str(data_dir), "foregrounds")
-    if not builder.is_prepared():
-      raise SourceError(f"{name}/foregrounds is not prepared in {data_dir}; run "
-                        f"data_pipeline.tfds_builders.prepare({name!r}, MANUAL_DIR, "
-                        f"{str(data_dir)!r}, config='foregrounds')")
-    skip = tfds.decode.SkipDecoding()
-    self._records = builder.as_data_source(
-        split="train", decoders={"foreground": skip, "alpha": skip})
-    if not len(self._records):
-      raise SourceError(f"{name}/foregrounds in {data_dir} has no examples")
-    background_dir = _require_dir(background_dir, "background_dir")
-    self.background_paths = [str(p) for p in file_lists.images_in(background_dir)]
-    if not self.background_paths:
-      raise SourceError(f"no backgrounds found in {background_dir}")
+    self._records = file_lists.tfds_foreground_records(name, data_dir)
+    self.background_paths = file_lists.background_paths(background_dir)
     self._describe(f"tfds({name})", len(self._records), len(self.background_paths),
                    backgrounds_per_foreground)
     self._bg = tf.constant(self.background_paths)

@@ -170,3 +170,10 @@ def test_composition1k_tfds_builder_end_to_end(tmp_path):
   assert (source.num_foregrounds, source.epoch_length) == (2, 4)
   batch = next(data_pipeline.train_batches(source, batch_size=2, crop_size=32))
   assert batch["image"].shape == (2, 32, 32, 3)
+  # The JAX pipeline reads the same records and makes the same examples.
+  from data_pipeline import jax_pipeline
+  host = jax_pipeline.host_source("tfds", dataset="composition1k", data_dir=data_dir,
+                                  background_dir=voc, backgrounds_per_foreground=2)
+  ours = next(jax_pipeline.JaxStream(host, batch_size=2, crop_size=32).batches())
+  np.testing.assert_array_equal(np.asarray(ours["alpha"]), batch["alpha"])
+  np.testing.assert_array_equal(np.asarray(ours["trimap"]), batch["trimap"])

@@ -49,7 +49,7 @@ BEST_MODEL_DIR = "best_model"
 # "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
 # "numpy": data_pipeline.SyntheticStream (synthetic data only; no TensorFlow).
 # "jax": data_pipeline.jax_pipeline (the protocol composited on the accelerator; no
-# TensorFlow; every file source and synthetic data).
+# TensorFlow; every source).
 PIPELINES = ("tf", "numpy", "jax")
 log = logging.getLogger(__name__)
 
