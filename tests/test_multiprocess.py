@@ -59,9 +59,10 @@ def _finish(processes, timeout=900) -> list[str]:
   return outputs
 
 
-def _train_args(workdir, cache):
+def _train_args(workdir, cache, pipeline="numpy"):
   return [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "smoke.py"),
-          "--workdir", str(workdir), f"--config.compilation_cache_dir={cache}", *TRAIN_FLAGS]
+          "--workdir", str(workdir), f"--config.compilation_cache_dir={cache}",
+          f"--config.data.pipeline={pipeline}", *TRAIN_FLAGS]
 
 
 def _records(workdir):
@@ -69,12 +70,13 @@ def _records(workdir):
 
 
 @pytest.mark.slow  # four train.py processes at once, then two more (~6 min on two cores)
+@pytest.mark.parametrize("pipeline", ["numpy", "jax"])
 def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_sigkill(
-    tmp_path):
+    tmp_path, pipeline):
   cache = tmp_path / "xla_cache"
-  reference = _start(_train_args(tmp_path / "one", cache), devices=2)
+  reference = _start(_train_args(tmp_path / "one", cache, pipeline), devices=2)
   killed = tmp_path / "two"
-  processes = _start_processes(_train_args(killed, cache))
+  processes = _start_processes(_train_args(killed, cache, pipeline))
   deadline = time.time() + 900
   while time.time() < deadline and all(p.poll() is None for p in processes):
     folder = killed / "checkpoints"
@@ -89,7 +91,7 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_si
 
   (reference_log,) = _finish([reference])
   expected = _records(tmp_path / "one")
-  logs = _finish(_start_processes(_train_args(killed, cache)))
+  logs = _finish(_start_processes(_train_args(killed, cache, pipeline)))
   assert "resuming" in logs[0]
   got = _records(killed)
 
