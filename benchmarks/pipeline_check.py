@@ -6,7 +6,10 @@
 Needs no TensorFlow. The data is a folder source (fg/, alpha/, bg/) made in a temporary
 folder from the photographs of ../shared/data/alphamatting_lowres enlarged --scale times
 (2x: 1.3-1.6 MP, the size of Composition-1k foregrounds), or from synthetic images where
-they are absent. Three sections, each printing a table as it finishes:
+they are absent; --folder DIR uses your own folder source instead. Sections, each
+printing a table as it finishes:
+  0. canvases: how many executors (distinct padded canvases) an epoch of the data
+     compiles, counted from image headers;
   1. augment: `jax_composition.compose_batch` alone on a collated batch already on the
      device (the device's share: --batch crops of --crop), beside --step-ms (the A2U
      training step it must hide behind; 163.9 ms is the H200's at 512x512, batch 16);
@@ -38,7 +41,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_pipeline import jax_composition, jax_pipeline, synthetic  # noqa: E402
@@ -86,6 +88,17 @@ def augment_section(folder: pathlib.Path, batch: int, crop: int, repeats: int) -
   return {"canvas": list(host_batch["fg"].shape[1:3]),
           "background_canvas": list(host_batch["background"].shape[1:3]),
           "compile_s": compile_s, "augment_ms": 1e3 * statistics.median(times)}
+
+
+def canvas_section(folder: pathlib.Path, batch: int, crop: int, epochs: int) -> dict:
+  """How many executors (distinct canvas pairs) `epochs` epochs of the data compile, from
+  image headers alone (nothing is decoded)."""
+  stream = jax_pipeline.JaxStream(jax_pipeline.host_source("folder", root=str(folder)),
+                                  batch_size=batch, crop_size=crop)
+  batches = max(1, epochs * stream.source.epoch_length // batch)
+  pairs = {stream.canvases(index) for index in range(batches)}
+  return {"batches": batches, "compiles": len(pairs),
+          "canvases": " ".join(f"{c[0]}x{c[1]}/{b[0]}x{b[1]}" for c, b in sorted(pairs))}
 
 
 def pipeline_section(folder: pathlib.Path, batch: int, crop: int, batches: int,
@@ -141,9 +154,10 @@ def get_config():
 
 
 def _train(workdir: pathlib.Path, folder: pathlib.Path, args, cache: pathlib.Path):
+  scratch_dir = cache.parent
   # The paper's config with the folder source: a config file, since flags cannot drop the
   # adobe source's options.
-  config = folder.parent / "pipeline_check_config.py"
+  config = scratch_dir / "pipeline_check_config.py"
   config.write_text(_CONFIG.format(root=str(folder)))
   command = [sys.executable, str(ROOT / "train.py"), "--config", str(config),
              "--workdir", str(workdir),
@@ -209,8 +223,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="toy sizes: crop 64, batch 2, 6 steps, 0.25x images (CPU)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("pipeline_check.json"))
-  parser.add_argument("--sections", nargs="+", choices=("augment", "pipeline", "train"),
-                      default=["augment", "pipeline", "train"])
+  parser.add_argument("--sections", nargs="+",
+                      choices=("canvases", "augment", "pipeline", "train"),
+                      default=["canvases", "augment", "pipeline", "train"])
+  parser.add_argument("--folder", type=pathlib.Path, default=None,
+                      help="a folder source (fg/, alpha/, bg/) to use instead of the photos")
+  parser.add_argument("--epochs", type=int, default=1,
+                      help="epochs of the data whose canvases are counted")
   parser.add_argument("--step-ms", type=float, default=163.9,
                       help="the A2U training step to compare with (H200, 512x512, batch 16)")
   parser.add_argument("--host-threads", type=int, default=4)
@@ -221,17 +240,23 @@ def main(argv: list[str] | None = None) -> None:
             "batch": args.batch, "crop": args.crop}
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)
-    report["data"] = make_folder(scratch / "data", args.scale, 13)
+    data = args.folder or scratch / "data"
+    report["data"] = (f"folder {args.folder}" if args.folder
+                      else make_folder(data, args.scale, 13))
     print(f"{report['device']} ({report['backend']}); {report['data']}; batch "
           f"{args.batch} of {args.crop}x{args.crop} crops", flush=True)
+    if "canvases" in args.sections:
+      report["canvases"] = canvas_section(data, args.batch, args.crop, args.epochs)
+      print(_table(f"0. compiled executors over {args.epochs} epoch(s) of the data",
+                   report["canvases"]), flush=True)
     if "augment" in args.sections:
-      row = augment_section(scratch / "data", args.batch, args.crop, 5 if args.quick else 20)
+      row = augment_section(data, args.batch, args.crop, 5 if args.quick else 20)
       row["share_of_step"] = row["augment_ms"] / args.step_ms
       report["augment"] = row
       print(_table(f"1. device-side augmentation (step to hide behind: {args.step_ms:g} ms)",
                    row), flush=True)
     if "pipeline" in args.sections:
-      row = pipeline_section(scratch / "data", args.batch, args.crop,
+      row = pipeline_section(data, args.batch, args.crop,
                              4 if args.quick else 30, args.host_threads,
                              2 if args.quick else 8)
       row["step_images_per_s"] = args.batch / (args.step_ms / 1e3)
@@ -239,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
       report["pipeline"] = row
       print(_table("2. the whole pipeline", row), flush=True)
     if "train" in args.sections:
-      report["train"] = train_section(scratch / "data", args, scratch)
+      report["train"] = train_section(data, args, scratch)
       print(_table("3. train.py with --config.data.pipeline=jax, SIGKILL and resume",
                    report["train"]), flush=True)
   args.out.write_text(json.dumps(report, indent=2))

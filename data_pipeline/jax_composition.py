@@ -125,6 +125,41 @@ def _fixed_point(value: np.ndarray, offset: float = 0.0) -> np.ndarray:
   return (np.rint(value * float(1 << protocol.WARP_BITS)) + offset).astype(np.int32)
 
 
+def _sizes(height0: int, width0: int, bg_height0: int, bg_width0: int,
+           decisions: protocol.Decisions, crop_size: int) -> tuple[int, ...]:
+  """(height, width) of the trimap grid, of the enlarged grid, and of the enlarged
+  background: the background first covers the foreground (ceil), then images smaller
+  than the crop are enlarged by one ratio (int), as the reference does."""
+  height, width = ((protocol.RESIZE_TO,) * 2 if decisions.resize else (height0, width0))
+  cover = max(height / np.float64(bg_height0), width / np.float64(bg_width0))
+
+  def covering(size):
+    return int(np.ceil(np.float64(size) * cover)) if cover > 1 else size
+
+  small = height < crop_size + 1 or width < crop_size + 1
+  crop = np.float64(crop_size)
+  enlarge = 1.1 * crop / height if height < width else 1.1 * crop / width
+
+  def enlarged(size):
+    return int(np.float64(size) * enlarge) if small else size
+
+  return (height, width, enlarged(height), enlarged(width),
+          enlarged(covering(bg_height0)), enlarged(covering(bg_width0)))
+
+
+def canvases(fg_size: tuple[int, int], fg2_size: tuple[int, int] | None,
+             bg_size: tuple[int, int], decisions: protocol.Decisions, crop_size: int
+             ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The (canvas, background canvas) one example needs, from image sizes (h, w) alone
+  (fg2_size: None unless the merge is drawn); a batch takes the largest of each side."""
+  height, width, grid_height, grid_width, _, _ = _sizes(*fg_size, *bg_size, decisions,
+                                                        crop_size)
+  fg2_size = fg2_size if decisions.merge else (1, 1)
+  return ((canvas_side(max(fg_size[0], height, grid_height, fg2_size[0])),
+           canvas_side(max(fg_size[1], width, grid_width, fg2_size[1]))),
+          (canvas_side(bg_size[0]), canvas_side(bg_size[1])))
+
+
 def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
          background: np.ndarray, decisions: protocol.Decisions, crop_size: int
          ) -> dict[str, Any]:
@@ -147,7 +182,9 @@ def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
     fg2 = np.zeros((1, 1, 3), np.uint8)
     alpha2 = np.zeros((1, 1), np.uint8)
   resize = bool(decisions.resize)
-  height, width = (protocol.RESIZE_TO,) * 2 if resize else (height0, width0)
+  bg_height0, bg_width0 = background.shape[:2]
+  height, width, grid_height, grid_width, bg_height, bg_width = _sizes(
+      height0, width0, bg_height0, bg_width0, decisions, crop_size)
 
   m0, m1, m3, m4 = protocol.inverse_affine_linear(decisions,
                                                   protocol.rotates(height, width))
@@ -160,22 +197,6 @@ def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
   x = (width - 1 - columns if decisions.hflip else columns).astype(np.float64)
   half = float(1 << protocol.WARP_BITS) / 2
 
-  bg_height0, bg_width0 = background.shape[:2]
-  cover = max(height / np.float64(bg_height0), width / np.float64(bg_width0))
-
-  def covering(size):
-    return int(np.ceil(np.float64(size) * cover)) if cover > 1 else size
-
-  bg_height, bg_width = covering(bg_height0), covering(bg_width0)
-  small = height < crop_size + 1 or width < crop_size + 1
-  crop = np.float64(crop_size)
-  enlarge = 1.1 * crop / height if height < width else 1.1 * crop / width
-
-  def enlarged(size):
-    return int(np.float64(size) * enlarge) if small else size
-
-  grid_height, grid_width = enlarged(height), enlarged(width)
-  bg_height, bg_width = enlarged(bg_height), enlarged(bg_width)
   fg_left, fg_right = _kernel_runs(decisions.fg_kernel)
   bg_left, bg_right = _kernel_runs(decisions.bg_kernel)
   f32 = np.float32

@@ -22,10 +22,11 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
 from data_pipeline import file_lists, jax_composition, protocol, synthetic
-from data_pipeline.files import (SourceError, check_positive, check_stream_arguments,
-                                 read_image)
+from data_pipeline.files import (EXIF_TRANSFORMS, SourceError, check_positive,
+                                 check_stream_arguments, exif_orientation, read_image)
 
 SOURCES = ("synthetic", "adobe", "d646", "folder", "tfds")
 _NO_END = 2**62
@@ -76,6 +77,24 @@ class HostSource:
     """(h, w, 3) uint8 RGB."""
     return self._image(self._backgrounds[index], "rgb")
 
+  def foreground_size(self, index: int) -> tuple[int, int]:
+    """(h, w) of a foreground, from its file's header where it has one."""
+    return self._size(self._foregrounds[index])
+
+  def background_size(self, index: int) -> tuple[int, int]:
+    return self._size(self._backgrounds[index])
+
+  @staticmethod
+  @functools.lru_cache(maxsize=None)
+  def _header_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+      width, height = image.size
+    transpose = EXIF_TRANSFORMS[exif_orientation(path)][0]
+    return (width, height) if transpose else (height, width)
+
+  def _size(self, item) -> tuple[int, int]:
+    return item.shape[:2] if isinstance(item, np.ndarray) else self._header_size(item)
+
   def __repr__(self) -> str:
     return (f"HostSource({self.name!r}: {self.num_foregrounds} foregrounds, "
             f"{self.num_backgrounds} backgrounds, epoch of {self.epoch_length})")
@@ -110,6 +129,9 @@ class _TfdsHostSource(HostSource):
 
   def foreground(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     return self._decode_record(int(index))
+
+  def foreground_size(self, index: int) -> tuple[int, int]:
+    return self.foreground(index)[1].shape  # records have no separate header
 
 
 def tfds_source(dataset: str, data_dir: str | os.PathLike,
@@ -189,6 +211,20 @@ class JaxStream:
     return jax_composition.plan(fg, alpha, fg2, alpha2,
                                 self.source.background(int(decisions.background_index)),
                                 decisions, self.crop_size)
+
+  def canvases(self, batch_index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (canvas, background canvas) of this process's batch `batch_index` (counted
+    from the stream's start), from image headers: which compiled executor it uses."""
+    canvas, bg_canvas = (0, 0), (0, 0)
+    for counter in range(batch_index * self.batch_size, (batch_index + 1) * self.batch_size):
+      d = self.decisions(self.global_index(counter))
+      second = (self.source.foreground_size(int(d.second_index)) if d.merge else None)
+      example = jax_composition.canvases(
+          self.source.foreground_size(int(d.foreground_index)), second,
+          self.source.background_size(int(d.background_index)), d, self.crop_size)
+      canvas = tuple(map(max, canvas, example[0]))
+      bg_canvas = tuple(map(max, bg_canvas, example[1]))
+    return canvas, bg_canvas
 
   def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """Collated host batches (`jax_composition.collate`), read by grain's threads."""

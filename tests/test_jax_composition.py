@@ -161,3 +161,12 @@ def test_stream_resumes_and_shards_like_the_tf_data_stream():
                             num_shards=2)[0] for i in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["trimap"] for h in halves]),
                                 whole[0]["trimap"])
+
+
+def test_canvases_from_headers_are_the_collated_batches():
+  from data_pipeline import jax_pipeline
+
+  source = jax_pipeline.host_source("synthetic", **_SYNTHETIC)
+  stream = jax_pipeline.JaxStream(source, batch_size=3, crop_size=64, seed=6)
+  for index, batch in zip(range(4), stream.host_batches()):
+    assert stream.canvases(index) == (batch["fg"].shape[1:3], batch["background"].shape[1:3])
