@@ -143,29 +143,31 @@ def tfds_source(dataset: str, data_dir: str | os.PathLike,
   return _TfdsHostSource(dataset, data_dir, background_dir, backgrounds_per_foreground)
 
 
-def _from_lists(lists: file_lists.FileLists) -> HostSource:
-  file_lists.check(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds)
-  return HostSource(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds,
-                    lists.backgrounds_per_foreground)
+def _source_function(name: str):
+  functions = {"synthetic": synthetic_source, "tfds": tfds_source,
+               "adobe": file_lists.adobe_lists, "d646": file_lists.d646_lists,
+               "folder": file_lists.folder_lists}
+  if name not in functions:
+    raise ValueError(f"the JAX pipeline's sources are {', '.join(SOURCES)}, got {name!r}")
+  return functions[name]
 
 
 def host_source(name: str, **options) -> HostSource:
   """A training source by name ('synthetic', 'adobe', 'd646', 'folder', 'tfds') with the
   options of the tf.data source of that name; files are checked as those are."""
-  if name not in SOURCES:
-    raise ValueError(f"the JAX pipeline's sources are {', '.join(SOURCES)}, got {name!r}")
-  if name in ("synthetic", "tfds"):
-    return globals()[f"{name}_source"](**options)
-  return _from_lists(getattr(file_lists, f"{name}_lists")(**options))
+  made = _source_function(name)(**options)
+  if isinstance(made, HostSource):
+    return made
+  file_lists.check(made.name, made.foregrounds, made.alphas, made.backgrounds)
+  return HostSource(made.name, made.foregrounds, made.alphas, made.backgrounds,
+                    made.backgrounds_per_foreground)
 
 
 def source_options(name: str) -> list[str]:
   """The option names `host_source(name, ...)` takes."""
   import inspect
 
-  function = (globals()[f"{name}_source"] if name in ("synthetic", "tfds")
-              else getattr(file_lists, f"{name}_lists"))
-  return list(inspect.signature(function).parameters)
+  return list(inspect.signature(_source_function(name)).parameters)
 
 
 class JaxStream:
