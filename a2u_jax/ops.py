@@ -46,6 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# Named scopes (`jax.named_scope`) of the A2U computations, so that profiles attribute
+# their XLA operations (benchmarks/profile_step.py): the names appear in every HLO op's
+# metadata, in the forward and in the gradient.
+POOLING_SCOPE = "a2u_generator_pooling"
+ENCODING_SCOPE = "a2u_per_sample_encoding"
+REASSEMBLY_FORWARD_SCOPE = "a2u_reassembly_forward"
+KERNEL_COTANGENT_SCOPE = "a2u_kernel_cotangent"
+FEATURE_COTANGENT_SCOPE = "a2u_feature_cotangent"
+
 Implementation = Literal["slices", "gather"]
 IMPLEMENTATIONS: tuple[str, ...] = ("slices", "gather")
 DEFAULT_IMPLEMENTATION: str = "slices"
@@ -295,9 +304,10 @@ def _reassemble(direction: str, implementation: str, kernel_size: int, groups: i
                 features: jax.Array, kernels: jax.Array) -> jax.Array:
   forward, _, _ = _FORMULAS[direction]
   dtype = _compute_dtype(features, kernels)
-  out = forward(_READERS[implementation], _grouped(features, groups, dtype),
-                _grouped(kernels, groups, dtype), kernel_size)
-  return _ungrouped(out).astype(jnp.result_type(features, kernels))
+  with jax.named_scope(REASSEMBLY_FORWARD_SCOPE):
+    out = forward(_READERS[implementation], _grouped(features, groups, dtype),
+                  _grouped(kernels, groups, dtype), kernel_size)
+    return _ungrouped(out).astype(jnp.result_type(features, kernels))
 
 
 def _reassemble_fwd(direction, implementation, kernel_size, groups, features, kernels):
@@ -312,8 +322,10 @@ def _reassemble_bwd(direction, implementation, kernel_size, groups, residuals, c
   dtype = _compute_dtype(features, kernels)
   f, m = _grouped(features, groups, dtype), _grouped(kernels, groups, dtype)
   ct = _grouped(cotangent, groups, dtype)
-  d_features = _ungrouped(feature_grad(read, m, ct, kernel_size)).astype(features.dtype)
-  d_kernels = _ungrouped(kernel_grad(read, f, ct, kernel_size)).astype(kernels.dtype)
+  with jax.named_scope(FEATURE_COTANGENT_SCOPE):
+    d_features = _ungrouped(feature_grad(read, m, ct, kernel_size)).astype(features.dtype)
+  with jax.named_scope(KERNEL_COTANGENT_SCOPE):
+    d_kernels = _ungrouped(kernel_grad(read, f, ct, kernel_size)).astype(kernels.dtype)
   return d_features, d_kernels
 
 
@@ -414,12 +426,18 @@ def adaptive_avg_pool_matrix(size, bins: int, dtype=jnp.float32) -> jax.Array:
 def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
   """(N, H, W, C) -> (N, bins, bins, C), PyTorch `AdaptiveAvgPool2d(bins)` semantics.
 
-  H and W may be symbolic dimensions."""
-  rows = adaptive_avg_pool_matrix(x.shape[1], bins, x.dtype)
-  cols = adaptive_avg_pool_matrix(x.shape[2], bins, x.dtype)
-  # Rows first: the large contraction is then one plain matrix product.
-  pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x, precision=lax.Precision.HIGHEST)
-  return jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)
+  H and W may be symbolic dimensions. Half-precision inputs are averaged in float32 (the
+  weights too) and the result cast back: like normalisation statistics, a mean over
+  thousands of pixels loses its precision in bfloat16."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  with jax.named_scope(POOLING_SCOPE):
+    rows = adaptive_avg_pool_matrix(x.shape[1], bins, dtype)
+    cols = adaptive_avg_pool_matrix(x.shape[2], bins, dtype)
+    # Rows first: the large contraction is then one plain matrix product.
+    pooled_rows = jnp.einsum("ih,nhwc->niwc", rows, x.astype(dtype),
+                             precision=lax.Precision.HIGHEST)
+    pooled = jnp.einsum("jw,niwc->nijc", cols, pooled_rows, precision=lax.Precision.HIGHEST)
+    return pooled.astype(x.dtype)
 
 
 def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -444,20 +462,24 @@ def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
 
   The forward is one fused sum of k*k strided slices (XLA:CPU runs grouped convolutions
   with per-sample kernels several times slower); training keeps no per-tap residuals.
+  Half-precision inputs accumulate in float32; the result has their common dtype.
   """
   _, hh, ww, _ = x.shape
   k = kernels.shape[1]
   out_h = (hh + 2 * padding - k) // stride + 1
   out_w = (ww + 2 * padding - k) // stride + 1
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  total = None
-  for ky in range(k):
-    for kx in range(k):
-      window = xp[:, ky:ky + stride * (out_h - 1) + 1:stride,
-                  kx:kx + stride * (out_w - 1) + 1:stride]
-      term = window[..., None] * kernels[:, None, None, ky, kx]
-      total = term if total is None else total + term
-  return total
+  dtype = _compute_dtype(x, kernels)
+  with jax.named_scope(ENCODING_SCOPE):
+    xp = jnp.pad(x.astype(dtype), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kernels_c = kernels.astype(dtype)
+    total = None
+    for ky in range(k):
+      for kx in range(k):
+        window = xp[:, ky:ky + stride * (out_h - 1) + 1:stride,
+                    kx:kx + stride * (out_w - 1) + 1:stride]
+        term = window[..., None] * kernels_c[:, None, None, ky, kx]
+        total = term if total is None else total + term
+    return total.astype(jnp.result_type(x, kernels))
 
 
 def _per_sample_depthwise_fwd(x, kernels, stride, padding):
@@ -475,6 +497,14 @@ def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
   batched matrix product per tap row (`tap_row_products`).
   """
   x, kernels = residuals
+  with jax.named_scope(ENCODING_SCOPE):
+    dtype = _compute_dtype(x, kernels)
+    dx, dk = _per_sample_depthwise_grads(x.astype(dtype), kernels.astype(dtype),
+                                         cotangent.astype(dtype), stride, padding)
+    return dx.astype(x.dtype), dk.astype(kernels.dtype)
+
+
+def _per_sample_depthwise_grads(x, kernels, cotangent, stride, padding):
   n, hh, ww, c = x.shape
   k, s = kernels.shape[1], stride
   _, out_h, out_w, _, m = cotangent.shape
@@ -509,7 +539,7 @@ def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
     dk = tap_row_products(rows, cotangent, "nyxtc,nyxcm->ncmt", row_starts,
                           col_starts, (out_h, out_w))                  # (N, C, M, k, k)
     dk = jnp.transpose(dk, (0, 3, 4, 1, 2))
-  return dx, dk.astype(kernels.dtype)
+  return dx, dk
 
 
 per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)

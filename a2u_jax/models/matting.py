@@ -50,9 +50,13 @@ class MattingNet(nn.Module):
       (None: its defaults). For A2U: share, up_kernel_size, encode_kernel_size, rank,
       groups, norm_groups, implementation.
     axis_name: device axis for synchronised batch statistics under pmap/shard_map.
-    dtype: computation dtype (None: float32); parameters are float32. bfloat16 computes
-      the layers in bfloat16 (batch statistics and the output in float32); float64 (with
-      `jax_enable_x64`, and the variables cast to float64) computes everything in float64.
+    dtype: computation dtype (None: float32); parameters are float32 in every case.
+      bfloat16 is mixed precision: convolutions, dense layers, activations and the
+      feature maps between layers in bfloat16 (each layer casts its float32 parameters),
+      while the batch and group normalisation statistics, the A2U generator's pooling and
+      per-sample encoding, the reassembly's sums (`a2u_jax.ops`) and the output
+      accumulate or are returned in float32. float64 (with `jax_enable_x64`, and the
+      variables cast to float64) computes everything in float64.
     dropout_rate: the ASPP's dropout while training (the authors': 0.5).
   """
 

@@ -27,7 +27,10 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-# config.dtype -> the network's compute dtype. Parameters stay float32 in every case;
+# config.dtype -> the network's compute dtype. Parameters, Adam's moments, the batch
+# statistics and the loss stay float32 in every case: "bfloat16" is mixed precision (the
+# layers compute in bfloat16, the reductions accumulate in float32; `models.MattingNet`),
+# and its gradients reach the float32 parameters through their casts, in float32.
 # float64 (with jax_enable_x64) computes the step exactly enough to compare layouts.
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
