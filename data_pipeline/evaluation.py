@@ -89,8 +89,15 @@ def folder_items(root: str | os.PathLike | None = None, *, image_dir=None, trima
     alpha_dir = root / "alpha"
 
   def by_stem(folder):
-    return {p.stem: str(p) for p in sorted(pathlib.Path(folder).iterdir())
-            if p.suffix.lower() in IMAGE_EXTENSIONS}
+    found = {}
+    for p in sorted(pathlib.Path(folder).iterdir()):
+      if p.suffix.lower() not in IMAGE_EXTENSIONS:
+        continue
+      if p.stem in found:  # which one is meant would depend on directory order
+        raise SourceError(f"{folder}: {pathlib.Path(found[p.stem]).name} and {p.name} share "
+                          f"the name {p.stem!r}; rename or move all but one")
+      found[p.stem] = str(p)
+    return found
 
   images, trimaps = by_stem(image_dir), by_stem(trimap_dir)
   alphas = by_stem(_require_dir(alpha_dir, "alpha_dir")) if alpha_dir else {}

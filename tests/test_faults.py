@@ -598,3 +598,15 @@ def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
   _one_clear_line(lead, f"in use by another run (pid {holder.pid} on ")
   _one_clear_line(subprocess.CompletedProcess([], other.returncode, "", other_err),
                   "refused by process 0 (its error says why)")
+
+
+def test_evaluation_folders_refuse_two_files_of_one_name(tmp_path):
+  import data_pipeline
+  from data_pipeline.files import SourceError
+
+  _write_scene(tmp_path, "a")
+  (tmp_path / "alpha").mkdir()
+  for ext in (".png", ".tif"):
+    (tmp_path / "alpha" / f"a{ext}").write_bytes((tmp_path / "trimap" / "a.png").read_bytes())
+  with pytest.raises(SourceError, match=r"alpha: a.png and a.tif share the name 'a'"):
+    data_pipeline.folder_items(tmp_path)
