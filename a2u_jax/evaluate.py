@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--trimap-prefix", default="trimap",
                       help="alphamatting layout: trimap file prefix (trimap or trimap2)")
   parser.add_argument("--count", type=int, default=8, help="synthetic: number of images")
-  parser.add_argument("--out", required=True, type=pathlib.Path)
+  parser.add_argument("--out", required=True, type=predict.path_argument)
   parser.add_argument("--batch-per-device", type=int, default=1)
   parser.add_argument("--devices", type=int, default=None,
                       help="use the first N local devices (default: all)")

@@ -291,6 +291,14 @@ def write_png(path: pathlib.Path, array: np.ndarray,
     raise
 
 
+def path_argument(text: str) -> pathlib.Path:
+  """argparse type for file and folder options: an empty value (`--out=`) would mean the
+  current folder, silently; it is refused."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("is empty; name a file or folder")
+  return pathlib.Path(text)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   model = parser.add_mutually_exclusive_group(required=True)
@@ -300,13 +308,13 @@ def main(argv: list[str] | None = None) -> None:
   model.add_argument("--exported", type=pathlib.Path,
                      help="an artifact of a2u-export (FILE, with FILE.json beside it), run "
                           "without the model code")
-  parser.add_argument("--image", required=True, type=pathlib.Path,
+  parser.add_argument("--image", required=True, type=path_argument,
                       help="an image file, or a folder of them (paired with --trimap's files "
                            "by name without the extension)")
-  parser.add_argument("--trimap", required=True, type=pathlib.Path,
+  parser.add_argument("--trimap", required=True, type=path_argument,
                       help="a trimap file (grey: 0 background, 128 unknown, 255 foreground), "
                            "or a folder of them")
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("predictions"),
+  parser.add_argument("--out", type=path_argument, default=pathlib.Path("predictions"),
                       help="folder for NAME_alpha.png and NAME_preview.png, made if missing "
                            "(default: %(default)s)")
   parser.add_argument("--round-trimap", action="store_true",

@@ -610,3 +610,13 @@ def test_evaluation_folders_refuse_two_files_of_one_name(tmp_path):
     (tmp_path / "alpha" / f"a{ext}").write_bytes((tmp_path / "trimap" / "a.png").read_bytes())
   with pytest.raises(SourceError, match=r"alpha: a.png and a.tif share the name 'a'"):
     data_pipeline.folder_items(tmp_path)
+
+
+@pytest.mark.parametrize("module,args", [
+    ("a2u_jax.predict", ["--checkpoint", "x", "--image", "a.png", "--trimap", "b.png"]),
+    ("a2u_jax.evaluate", ["--checkpoint", "x", "--data", "synthetic"]),
+])
+def test_an_empty_out_is_refused_not_the_current_folder(module, args):
+  process = _cli("-m", module, *args, "--out=")
+  assert process.returncode == 2 and "Traceback" not in process.stderr
+  assert "error: argument --out: is empty" in process.stderr.strip().splitlines()[-1]
