@@ -620,3 +620,16 @@ def test_an_empty_out_is_refused_not_the_current_folder(module, args):
   process = _cli("-m", module, *args, "--out=")
   assert process.returncode == 2 and "Traceback" not in process.stderr
   assert "error: argument --out: is empty" in process.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # trains two steps (~1 minute on two cores)
+def test_a_validation_sad_that_is_not_finite_chooses_no_best_model(tmp_path, monkeypatch):
+  from configs import smoke
+
+  monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"sad": float("nan"),
+                                                                 "mse": float("nan")})
+  config = smoke.get_config()
+  config.num_train_steps, config.eval_every = 2, 1
+  loop.train_and_evaluate(config, tmp_path, progress=False)
+  assert not (tmp_path / "best_model").exists()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]

@@ -723,7 +723,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
           # Validation steps checkpoint too: best/ and best_model/ never hold a step that
           # a resume would not start after.
           _save(latest, host_state, config)
-        if validating:
+        if validating and not np.isfinite(values["sad"]):
+          log.warning("step %d: the validation SAD is %s; best/ and best_model/ are not "
+                      "chosen by it", step, values["sad"])
+        elif validating:
           # best/ keeps the lowest validation SAD (by config.validation.sad_rule); on a tie
           # the later step wins, as the authors' `<=`. Unlike them, the first validation
           # counts too (their model_best.pth is first written after the second epoch).
