@@ -75,11 +75,16 @@ def _override_error(argv: list[str], error: Exception) -> str:
   return f"--config: {str(error).strip()}"
 
 
+def _flag_values(argv: list[str], name: str) -> list[str]:
+  """The values of every --NAME VALUE / --NAME=VALUE in `argv`."""
+  values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in (f"--{name}", f"-{name}")]
+  return values + [arg.split("=", 1)[1] for arg in argv
+                   if arg.startswith((f"--{name}=", f"-{name}="))]
+
+
 def _config_files(argv: list[str]) -> list[str]:
   """The values of every --config FILE / --config=FILE in `argv`."""
-  values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-config")]
-  return values + [arg.split("=", 1)[1] for arg in argv
-                   if arg.startswith(("--config=", "-config="))]
+  return _flag_values(argv, "config")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -88,6 +93,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   if len(configs) > 1:
     sys.exit(f"error: --config is given {len(configs)} times ({', '.join(configs)}); give "
              f"one config file, and change its fields with --config.FIELD=VALUE")
+  workdirs = _flag_values(argv, "workdir")
+  if len(workdirs) > 1:
+    sys.exit(f"error: --workdir is given {len(workdirs)} times ({', '.join(workdirs)}); give "
+             f"one")
   try:
     parsed = flags.FLAGS(argv)
   except flags.Error as error:

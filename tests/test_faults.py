@@ -128,6 +128,8 @@ def test_an_incomplete_checkpoint_is_named(tmp_path):
     (["--workdir="], "--workdir is empty"),
     (["--config", "configs/resampler.py", "--config.seed=1"], "--config is given 2 times"),
     (["--config=configs/resampler.py"], "--config is given 2 times"),
+    (["--workdir=/tmp/a2u_never_a", "--workdir", "/tmp/a2u_never_b"],
+     "--workdir is given 2 times"),
     (["--config.validation.batch_size=0"], "config.validation.batch_size must be a positive"),
     (["--config.validation.options.count=0"], "config.validation.options.count must be a "
                                               "positive integer, got 0"),
