@@ -44,9 +44,10 @@ from data_pipeline import protocol
 from data_pipeline.trimaps import ellipse_footprint
 
 # Canvas sides (pixels) an image is padded up to; larger images round up to a multiple of
-# the last step. Few sides: few compilations; close sides: little padding (<= 25% per side
-# from 512 up).
-CANVAS_SIDES = (256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
+# the last step. Few sides: few compilations; close sides: little padding (at most a sixth
+# of a side from 768 up, a quarter below).
+CANVAS_SIDES = (256, 384, 512, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048, 2304,
+                2560, 3072, 3584, 4096)
 _CANVAS_STEP = 1024
 _HALF_SPAN = protocol.MAX_KERNEL_SIZE // 2  # row offsets of any kernel: -14..14
 _ROW_OFFSETS = 2 * _HALF_SPAN + 1
