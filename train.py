@@ -4,11 +4,14 @@
 
 Rerunning with the same --workdir resumes from its last checkpoint. Ctrl-C or SIGTERM
 stops after the current step with its checkpoint written (exit status 130 / 143); a
-second Ctrl-C stops at once. Errors print one line (--verbose: with the traceback).
+second Ctrl-C stops at once. Errors print one line (--verbose: with the traceback). One
+run at a time per workdir: a second is refused, naming the process that holds it.
 
 Several hosts (JAX's multi-controller runtime, one process per host, every process with
 the same command and --workdir on storage they share):
   python train.py ... --coordinator_address HOST0:1234 --num_processes N --process_id I
+(each process says what it waits for, and gives up after --distributed_timeout seconds,
+naming the missing process or the coordinator it cannot reach)
 or, where JAX detects the cluster itself (SLURM, Open MPI, TPU pods, Kubernetes):
   python train.py ... --config.distributed=True
 """
