@@ -2,6 +2,7 @@
 
     python benchmarks/device_check.py [--out device_check.json] [--budget-s 450]
     python benchmarks/device_check.py --quick     # the same code at toy sizes (CPU, <2 min)
+    python benchmarks/device_check.py --profile --sections profile   # only the profile
 
 Needs no TensorFlow (the accelerator machines have JAX, Flax, Optax, Orbax and PyTorch).
 Sections, in this order (each row runs even when an earlier one failed; rows left once
@@ -15,7 +16,9 @@ Sections, in this order (each row runs even when an earlier one failed; rows lef
      utilisation (XLA's FLOP count / step time / the device's peak from PEAK_TFLOPS);
   3. the same step of the PyTorch transcription (benchmarks/network.py, the authors'
      architecture with F.unfold reassembly) on the same device, with the ratio;
-  4. network inference, A2U and baseline, 512x512 and 1024x1024, float32 and bfloat16.
+  4. network inference, A2U and baseline, 512x512 and 1024x1024, float32 and bfloat16;
+  5. with --profile: the per-operation breakdown of the A2U and baseline training steps
+     (benchmarks/profile_step.py) at the training section's size, float32 and bfloat16.
 Each training row runs in its own process, so its peak memory is its own and an
 out-of-memory error stays in its row. Prints a markdown table per section and writes
 them all to --out as JSON (complete when it appears).
@@ -44,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import profile_step  # noqa: E402  (benchmarks/profile_step.py)
 import reassembly  # noqa: E402  (benchmarks/reassembly.py)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 from a2u_jax import ops  # noqa: E402
@@ -139,25 +143,35 @@ def reassembly_rows(plan: Plan) -> list[dict]:
 # -------------------------------------------------------------- 2. training step
 
 
-def jax_train_row(variant: str, crop: int, size: int, repeats: int) -> dict:
-  """train.py's step of one network variant (benchmarks/train_step.py), with its MFU."""
-  row = train_step.jax_row(crop, size, repeats, variant)
+def jax_train_row(variant: str, crop: int, size: int, repeats: int,
+                  dtype: str = "float32") -> dict:
+  """train.py's step of one network variant (benchmarks/train_step.py) with config.dtype
+  `dtype`, with its MFU."""
+  row = train_step.jax_row(crop, size, repeats, variant, dtype=dtype)
   seconds, flops = row["seconds"], row["flops"]
-  tflops = peak_tflops(row["device_kind"], "float32")
-  return {"row": f"a2u_jax {variant}", "step_ms": 1e3 * seconds, "images_per_s": size / seconds,
+  tflops = peak_tflops(row["device_kind"], dtype)
+  return {"row": _train_label(f"a2u_jax {variant}", dtype), "step_ms": 1e3 * seconds,
+          "images_per_s": size / seconds,
           "compile_s": row["compile"], "peak_memory_gb": row["peak_device_gb"],
           "tflop_per_step": flops / 1e12,
           "mfu": flops / seconds / (tflops * 1e12) if tflops and flops else None,
           "loss": row["loss"]}
 
 
-def torch_train_row(crop: int, size: int, repeats: int) -> dict:
-  """The PyTorch transcription's training step (A2U share) on the same device."""
+def _train_label(name: str, dtype: str) -> str:
+  return name if dtype == "float32" else f"{name} {dtype}"
+
+
+def torch_train_row(crop: int, size: int, repeats: int, dtype: str = "float32") -> dict:
+  """The PyTorch transcription's training step (A2U share) on the same device; bfloat16
+  under torch.autocast."""
   import torch
 
   row = train_step.torch_row(crop, size, repeats,
-                             "cuda" if torch.cuda.is_available() else "cpu")
-  return {"row": f"{row['name']} A2U share (F.unfold)", "step_ms": 1e3 * row["seconds"],
+                             "cuda" if torch.cuda.is_available() else "cpu",
+                             autocast=dtype == "bfloat16")
+  name = f"{row['name']} A2U share (F.unfold)" + (" autocast" if dtype == "bfloat16" else "")
+  return {"row": _train_label(name, dtype), "step_ms": 1e3 * row["seconds"],
           "images_per_s": size / row["seconds"], "compile_s": None,
           "peak_memory_gb": row["peak_device_gb"], "tflop_per_step": None, "mfu": None}
 
@@ -232,7 +246,7 @@ def markdown(report: dict) -> str:
                  f"{r['forward_vs_floor']:.2f} |")
   train = report["train"]
   lines += [f"\n## Training step ({train['crop']}x{train['crop']} crops, batch "
-            f"{train['batch']}, float32, one device)\n",
+            f"{train['batch']}, {', '.join(train.get('dtypes', ['float32']))}, one device)\n",
             "| implementation | step ms | images/s | compile s | peak memory GB "
             "| TFLOP/step | MFU |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in train["rows"]:
@@ -242,10 +256,15 @@ def markdown(report: dict) -> str:
     lines.append(f"| {r['row']} | {r['step_ms']:.1f} | {r['images_per_s']:.2f} | "
                  f"{_cell(r['compile_s'], '.1f')} | {_cell(r['peak_memory_gb'], '.2f')} | "
                  f"{_cell(r['tflop_per_step'], '.3f')} | {_cell(r['mfu'], '.1%')} |")
-  for key, text in (("a2u_over_baseline_step", "A2U share step / baseline step"),
-                    ("ours_over_torch_images_per_s", "a2u_jax / PyTorch images/s (A2U share)")):
-    if train["ratios"].get(key) is not None:
-      lines.append(f"\n{text}: **{train['ratios'][key]:.2f}x**")
+  texts = {"a2u_over_baseline_step": "A2U share step / baseline step",
+           "ours_over_torch_images_per_s": "a2u_jax / PyTorch images/s (A2U share)",
+           "a2u_over_baseline_step_bfloat16": "A2U share step / baseline step, bfloat16",
+           "ours_over_torch_images_per_s_bfloat16":
+               "a2u_jax bfloat16 / PyTorch autocast images/s (A2U share)"}
+  for key, value in train["ratios"].items():
+    if value is not None:
+      text = texts.get(key, key.replace("_", " ").replace(" over ", " / "))
+      lines.append(f"\n{text}: **{value:.2f}x**")
   lines += ["\n## Inference (batch 1)\n",
             "| model | size | dtype | ms | images/s | compile s |", "|---|---:|---|---:|---:|---:|"]
   for r in report["inference"]:
@@ -256,6 +275,9 @@ def markdown(report: dict) -> str:
                  f"{r['images_per_s']:.1f} | {r['compile_s']:.1f} |")
   for key, value in report["inference_ratios"].items():
     lines.append(f"\n{key}: **{value:.2f}x**")
+  if report.get("profile"):
+    lines.append("\n## Training-step profile (benchmarks/profile_step.py)\n")
+    lines += [table["markdown"] + "\n" for table in report["profile"]]
   return "\n".join(lines)
 
 
@@ -279,31 +301,43 @@ def _progress(message: str) -> None:
 
 
 def _train_section(plan: Plan, variants: tuple[str, ...], with_torch: bool, torch_version,
-                   deadline: float) -> dict:
+                   deadline: float, dtypes: tuple[str, ...] = ("float32",)) -> dict:
   rows = []
-  for variant in variants:
-    if time.perf_counter() > deadline:
-      rows.append({"row": f"a2u_jax {variant}", "skipped": "time budget spent"})
-      continue
-    rows.append({"row": f"a2u_jax {variant}"} | _in_child(
-        jax_train_row, variant, plan.train_crop, plan.train_batch, plan.repeats))
-    _progress(f"train: {rows[-1]}")
-  torch_row = None
-  if not with_torch or torch_version is None:
-    rows.append({"row": "PyTorch", "skipped": "skipped: torch not installed or --no-torch"})
-  elif time.perf_counter() > deadline:
-    rows.append({"row": "PyTorch", "skipped": "time budget spent"})
-  else:
-    torch_row = {"row": "PyTorch"} | _in_child(torch_train_row, plan.train_crop,
-                                              plan.train_batch, plan.repeats)
-    rows.append(torch_row)
-    _progress(f"train: {torch_row}")
+  for dtype in dtypes:
+    for variant in variants:
+      label = _train_label(f"a2u_jax {variant}", dtype)
+      if time.perf_counter() > deadline:
+        rows.append({"row": label, "skipped": "time budget spent"})
+        continue
+      rows.append({"row": label} | _in_child(
+          jax_train_row, variant, plan.train_crop, plan.train_batch, plan.repeats, dtype))
+      _progress(f"train: {rows[-1]}")
+    label = _train_label("PyTorch", dtype)
+    if not with_torch or torch_version is None:
+      rows.append({"row": label, "skipped": "skipped: torch not installed or --no-torch"})
+    elif time.perf_counter() > deadline:
+      rows.append({"row": label, "skipped": "time budget spent"})
+    else:
+      rows.append({"row": label, "torch": True} | _in_child(
+          torch_train_row, plan.train_crop, plan.train_batch, plan.repeats, dtype))
+      _progress(f"train: {rows[-1]}")
   by_name = {row["row"]: row for row in rows}
-  share, baseline = by_name.get("a2u_jax share"), by_name.get("a2u_jax baseline")
-  return {"crop": plan.train_crop, "batch": plan.train_batch, "rows": rows,
-          "ratios": {"a2u_over_baseline_step": _ratio(share, baseline, "step_ms"),
-                     "ours_over_torch_images_per_s": _ratio(share, torch_row,
-                                                            "images_per_s")}}
+  ratios = {}
+  for dtype in dtypes:
+    share = by_name.get(_train_label("a2u_jax share", dtype))
+    baseline = by_name.get(_train_label("a2u_jax baseline", dtype))
+    torch_row = next((r for r in rows if r.get("torch") and r["row"].endswith(
+        " bfloat16" if dtype == "bfloat16" else "(F.unfold)")), None)
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    ratios[f"a2u_over_baseline_step{suffix}"] = _ratio(share, baseline, "step_ms")
+    ratios[f"ours_over_torch_images_per_s{suffix}"] = _ratio(share, torch_row, "images_per_s")
+  for variant in variants:
+    if "bfloat16" in dtypes and "float32" in dtypes:
+      ratios[f"{variant}_float32_over_bfloat16_step"] = _ratio(
+          by_name.get(f"a2u_jax {variant}"), by_name.get(f"a2u_jax {variant} bfloat16"),
+          "step_ms")
+  return {"crop": plan.train_crop, "batch": plan.train_batch, "dtypes": list(dtypes),
+          "rows": rows, "ratios": ratios}
 
 
 def _inference_ratios(rows: list[dict]) -> dict[str, float]:
@@ -317,11 +351,28 @@ def _inference_ratios(rows: list[dict]) -> dict[str, float]:
   return ratios
 
 
-SECTIONS = ("reassembly", "train", "inference")
+def profile_section(plan: Plan, deadline: float) -> list[dict]:
+  """profile_step's breakdown of A2U share and the baseline, float32 then bfloat16."""
+  tables = []
+  for dtype in ("float32", "bfloat16"):
+    if time.perf_counter() > deadline:
+      tables.append({"dtype": dtype, "markdown": f"{dtype}: skipped, time budget spent"})
+      continue
+    rows = [{"variant": variant} | _in_child(
+        profile_step.profile_variant, plan.train_crop, plan.train_batch, variant, dtype,
+        3, 2, None) for variant in ("share", "baseline")]
+    tables.append({"dtype": dtype, "rows": rows, "markdown": profile_step.markdown(rows)})
+    _progress(f"profile {dtype}: done")
+  return tables
+
+
+SECTIONS = ("reassembly", "train", "inference", "profile")
+DEFAULT_SECTIONS = ("reassembly", "train", "inference")
 
 
 def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
-        sections: tuple[str, ...] = SECTIONS, variants: tuple[str, ...] | None = None,
+        sections: tuple[str, ...] = DEFAULT_SECTIONS, variants: tuple[str, ...] | None = None,
+        train_dtypes: tuple[str, ...] = ("float32",),
         on_section: Callable[[dict], None] = lambda report: None) -> dict:
   """Runs the chosen sections; `on_section` gets the report after each one."""
   started = time.perf_counter()
@@ -331,14 +382,16 @@ def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
                             "section_seconds": {}, "reassembly": [],
                             "train": {"crop": plan.train_crop, "batch": plan.train_batch,
                                       "rows": [], "ratios": {}},
-                            "inference": [], "inference_ratios": {}}
+                            "inference": [], "inference_ratios": {}, "profile": []}
   for section in sections:
     begin = time.perf_counter()
     if section == "reassembly":
       report["reassembly"] = reassembly_rows(plan)
     elif section == "train":
       report["train"] = _train_section(plan, variants or plan.train_variants, with_torch,
-                                       report["environment"]["torch"], deadline)
+                                       report["environment"]["torch"], deadline, train_dtypes)
+    elif section == "profile":
+      report["profile"] = profile_section(plan, deadline)
     else:
       report["inference"] = inference_rows(plan, deadline)
       report["inference_ratios"] = _inference_ratios(report["inference"])
@@ -357,8 +410,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--budget-s", type=float, default=450.0,
                       help="skip the rows that would start after this many seconds")
   parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch row")
-  parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                      help="which sections to run, in this order")
+  parser.add_argument("--sections", nargs="+", choices=SECTIONS,
+                      default=list(DEFAULT_SECTIONS),
+                      help="which sections to run, in this order (default: all but profile)")
+  parser.add_argument("--train-dtypes", nargs="+", choices=("float32", "bfloat16"),
+                      default=["float32"],
+                      help="config.dtype of the training-step rows (bfloat16: mixed precision; "
+                           "the PyTorch row then runs under torch.autocast(bfloat16))")
+  parser.add_argument("--profile", action="store_true",
+                      help="add the profile section (per-operation breakdown of the A2U and "
+                           "baseline training steps, float32 and bfloat16)")
   parser.add_argument("--variants", nargs="+", choices=("share", "unshare", "baseline"),
                       help="training-step rows (default: all three; --quick: share, baseline)")
   args = parser.parse_args(argv)
@@ -371,8 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     _write_atomically(args.out, json.dumps(report | {"markdown": markdown(report)},
                                            indent=2) + "\n")
 
+  sections = tuple(args.sections)
+  if args.profile and "profile" not in sections:
+    sections += ("profile",)
   report = run(QUICK if args.quick else FULL, args.budget_s, with_torch=not args.no_torch,
-               sections=tuple(args.sections), variants=args.variants and tuple(args.variants),
+               sections=sections, train_dtypes=tuple(args.train_dtypes), variants=args.variants and tuple(args.variants),
                on_section=save)
   print(markdown(report), flush=True)
   print(f"\nwritten: {args.out}")

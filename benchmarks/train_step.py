@@ -53,12 +53,10 @@ def step_flops(lowered) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
-            inference: bool = False) -> dict:
-  """train.py's step (configs/a2u_matting.py on one device) of A2U share, unshare or the
-  baseline: best step time, compile time, peak memory (device allocator where it keeps
-  statistics, else XLA's plan), FLOPs and the last loss; with `inference`, also the
-  compile time of the network's inference at the same shape."""
+def compiled_step(crop: int, size: int, variant: str = "share", dtype: str = "float32"):
+  """train.py's step (configs/a2u_matting.py on one device, `config.dtype=dtype`) of A2U
+  share, unshare or the baseline, compiled: (compiled, lowered, state, batch, rng, model,
+  compile seconds)."""
   sys.path.insert(0, str(ROOT))
   import jax
 
@@ -67,20 +65,32 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
   from configs import a2u_matting
 
   config = a2u_matting.get_config()
-  config.crop_size, config.batch_size = crop, size
+  config.crop_size, config.batch_size, config.dtype = crop, size, dtype
   if variant == "unshare":
     config.model.resampler_options.share = False
   elif variant == "baseline":
     a2u_matting.use_resampler(config, "baseline")
-  device = jax.devices()[0]
-  runtime = parallel.DataParallel([device])
+  runtime = parallel.DataParallel([jax.devices()[0]])
   model = state_lib.model_from_config(config, axis_name=parallel.AXIS)
   state = runtime.put(state_lib.create_train_state(config, jax.random.PRNGKey(0), model))
   batch, rng = runtime.shard(random_batch(crop, size)), runtime.put(jax.random.PRNGKey(1))
   start = time.perf_counter()
   lowered = loop.make_train_step(config, runtime).lower(state, batch, rng)
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
+  return compiled, lowered, state, batch, rng, model, time.perf_counter() - start
+
+
+def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
+            inference: bool = False, dtype: str = "float32") -> dict:
+  """train.py's step (configs/a2u_matting.py on one device) of A2U share, unshare or the
+  baseline in `dtype` (config.dtype): best step time, compile time, peak memory (device
+  allocator where it keeps statistics, else XLA's plan), FLOPs and the last loss; with
+  `inference`, also the compile time of the network's inference at the same shape."""
+  import jax
+
+  compiled, lowered, state, batch, rng, model, compile_s = compiled_step(
+      crop, size, variant, dtype)
+  device = jax.devices()[0]
   state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
   times = []
@@ -106,8 +116,11 @@ def jax_row(crop: int, size: int, repeats: int, variant: str = "share",
               loss=float(metrics["loss"]), device_kind=device.device_kind)
 
 
-def torch_row(crop: int, size: int, repeats: int, device: str = "cpu") -> dict:
-  """The PyTorch transcription's training step (A2U share) on "cpu" or "cuda"."""
+def torch_row(crop: int, size: int, repeats: int, device: str = "cpu",
+              autocast: bool = False) -> dict:
+  """The PyTorch transcription's training step (A2U share) on "cpu" or "cuda"; with
+  `autocast`, its forward and loss under torch.autocast(bfloat16) (float32 parameters
+  and optimiser, PyTorch's mixed precision, which our config.dtype="bfloat16" matches)."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import torch
   from network import TorchA2UMatting
@@ -134,8 +147,14 @@ def torch_row(crop: int, size: int, repeats: int, device: str = "cpu") -> dict:
   inputs = torch.cat([(batch["image"] - mean) / std, batch["trimap"].float() / 255], 1)
   mask = (batch["trimap"] == 128).float()
 
+  def forward():
+    if autocast:
+      with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+        return model(inputs).float()
+    return model(inputs)
+
   def step():
-    prediction = model(inputs)
+    prediction = forward()
     count = mask.sum(dim=(2, 3)) + 1
     alpha_loss = (torch.sqrt(((prediction - batch["alpha"]) * mask) ** 2 + 1e-12)
                   .sum(dim=(2, 3)) / count).sum() / size

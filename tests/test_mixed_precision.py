@@ -113,7 +113,7 @@ def _losses(dtype, steps_count, crop, batch):
   return np.asarray(jax.device_get(losses), np.float64)
 
 
-@pytest.mark.slow  # two compilations and 2 x 200 A2U steps (~4 min on two cores)
+@pytest.mark.slow  # two compilations and 2 x 200 A2U steps (~5-8 min on two cores)
 def test_bfloat16_training_follows_the_float32_loss_curve():
   """200 smoke steps (32x32 crops, batch 4, the same batches and dropout masks) in
   bfloat16 and float32 from the same parameters.
