@@ -3,6 +3,7 @@
     python benchmarks/device_check.py [--out device_check.json] [--budget-s 450]
     python benchmarks/device_check.py --quick     # the same code at toy sizes (CPU, <2 min)
     python benchmarks/device_check.py --profile --sections profile   # only the profile
+    python benchmarks/device_check.py --sections train pipeline      # the JAX input pipeline
 
 Needs no TensorFlow (the accelerator machines have JAX, Flax, Optax, Orbax and PyTorch).
 Sections, in this order (each row runs even when an earlier one failed; rows left once
@@ -48,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import profile_step  # noqa: E402  (benchmarks/profile_step.py)
+import pipeline_check  # noqa: E402  (benchmarks/pipeline_check.py)
 import reassembly  # noqa: E402  (benchmarks/reassembly.py)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 from a2u_jax import ops  # noqa: E402
@@ -275,6 +277,9 @@ def markdown(report: dict) -> str:
                  f"{r['images_per_s']:.1f} | {r['compile_s']:.1f} |")
   for key, value in report["inference_ratios"].items():
     lines.append(f"\n{key}: **{value:.2f}x**")
+  if report.get("pipeline"):
+    lines.append("\n## JAX input pipeline (benchmarks/pipeline_check.py)\n")
+    lines.append(report["pipeline"].get("markdown", str(report["pipeline"])))
   if report.get("profile"):
     lines.append("\n## Training-step profile (benchmarks/profile_step.py)\n")
     lines += [table["markdown"] + "\n" for table in report["profile"]]
@@ -366,7 +371,7 @@ def profile_section(plan: Plan, deadline: float) -> list[dict]:
   return tables
 
 
-SECTIONS = ("reassembly", "train", "inference", "profile")
+SECTIONS = ("reassembly", "train", "inference", "profile", "pipeline")
 DEFAULT_SECTIONS = ("reassembly", "train", "inference")
 
 
@@ -392,6 +397,14 @@ def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
                                        report["environment"]["torch"], deadline, train_dtypes)
     elif section == "profile":
       report["profile"] = profile_section(plan, deadline)
+    elif section == "pipeline":
+      # The JAX input pipeline beside the A2U step it feeds (benchmarks/pipeline_check.py,
+      # whose train section runs train.py for minutes and so runs on its own).
+      step = next((r for r in report["train"]["rows"]
+                   if r.get("row") == _train_label("a2u_jax share", "float32")
+                   and "step_ms" in r), None)
+      report["pipeline"] = _in_child(pipeline_check.device_rows, plan is QUICK,
+                                     step["step_ms"] if step else 163.9)
     else:
       report["inference"] = inference_rows(plan, deadline)
       report["inference_ratios"] = _inference_ratios(report["inference"])

@@ -213,6 +213,25 @@ def train_section(folder: pathlib.Path, args, scratch: pathlib.Path) -> dict:
           "wall_s": time.perf_counter() - started}
 
 
+def device_rows(quick: bool, step_ms: float, host_threads: int = 4) -> dict:
+  """Sections 0-2 at the full (or --quick) sizes: what device_check.py's pipeline
+  section reports."""
+  batch, crop, scale = (2, 64, 0.25) if quick else (16, 512, 2.0)
+  with tempfile.TemporaryDirectory() as scratch:
+    folder = pathlib.Path(scratch)
+    data = make_folder(folder, scale, 13)
+    augment = augment_section(folder, batch, crop, 5 if quick else 20)
+    augment["share_of_step"] = augment["augment_ms"] / step_ms
+    pipeline = pipeline_section(folder, batch, crop, 4 if quick else 30, host_threads,
+                                2 if quick else 8)
+  pipeline["pipeline_over_step"] = pipeline["samples_per_s"] / (batch / (step_ms / 1e3))
+  return {"data": data, "batch": batch, "crop": crop, "step_ms": step_ms,
+          "augment": augment, "pipeline": pipeline,
+          "markdown": "\n".join([f"data: {data}; batch {batch} of {crop}x{crop} crops",
+                                 _table("device-side augmentation", augment),
+                                 _table("the whole pipeline", pipeline)])}
+
+
 def _table(title: str, row: dict) -> str:
   cells = [f"{value:.3g}" if isinstance(value, float) else str(value) for value in row.values()]
   return (f"\n{title}\n| {' | '.join(row)} |\n|{'---|' * len(row)}\n| {' | '.join(cells)} |")

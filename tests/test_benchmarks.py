@@ -158,3 +158,13 @@ def test_pipeline_check_trains_resumes_and_validates(tmp_path):
   train = report["train"]
   assert train["steps"] == 6 and train["killed_after_step"] < 6
   assert train["resumed_losses_equal"] and train["best_model"]
+
+
+@pytest.mark.slow  # the device check's pipeline section at toy size (~1 min)
+def test_device_check_pipeline_section(tmp_path):
+  out_file = tmp_path / "device_check.json"
+  out = _run("benchmarks/device_check.py", "--quick", "--sections", "pipeline", "--out",
+             str(out_file))
+  assert "## JAX input pipeline" in out
+  report = json.loads(out_file.read_text())["pipeline"]
+  assert report["augment"]["augment_ms"] > 0 and report["pipeline"]["samples_per_s"] > 0
