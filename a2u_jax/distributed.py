@@ -11,6 +11,7 @@ over gloo, so several processes on one machine (or CPU hosts) can train together
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -95,12 +96,21 @@ def _initialize_explicit(address: str, count: int, index: int, timeout: float) -
           file=sys.stderr, flush=True)
     os._exit(1)  # JAX's connect cannot be interrupted; it would abort much later
 
+  if index == 0:
+    _check_port_free(address, count)
   threading.Thread(target=give_up, daemon=True, name="distributed-timeout").start()
   started = time.monotonic()
   try:
     # JAX's own deadline comes after ours, so ours is what the user sees.
-    jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                               process_id=index, initialization_timeout=int(timeout) + 60)
+    try:
+      jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                                 process_id=index, initialization_timeout=int(timeout) + 60)
+    except RuntimeError as error:  # JaxRuntimeError: e.g. the port is taken
+      first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+      hint = (": is the port in use by another program or run?" if index == 0 and
+              "RPC server" in first else "")
+      raise ValueError(f"process {index} of {count}: the distributed runtime at {address} did "
+                       f"not start ({first}){hint}") from None
     _check_same_count(count, index, max(1.0, timeout - (time.monotonic() - started)))
   finally:
     done.set()
@@ -119,6 +129,25 @@ def _check_same_count(count: int, index: int, timeout: float) -> None:
     listed = ", ".join(f"process {i}: {value}" for i, value in given.items())
     raise ValueError(f"--num_processes differs between the processes ({listed}); the "
                      f"coordinator runs {actual}: give every process the same --num_processes")
+
+
+def _check_port_free(address: str, count: int) -> None:
+  """Process 0 serves the coordinator on every interface at the address's port; JAX
+  crashes (or raises from C++) when the port is taken, so that is said first."""
+  port = int(address.rpartition(":")[2])
+  for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a previous run's connections in TIME_WAIT do not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+      return
+    except OSError as error:
+      if error.errno == errno.EADDRINUSE:
+        raise ValueError(f"process 0 of {count}: cannot serve the coordinator at {address}: "
+                         f"port {port} is in use by another program or run; choose another "
+                         f"port for --coordinator_address") from None
+      # no IPv6 (or IPv4) on this host: try the other family
 
 
 def _reachable(address: str) -> bool:

@@ -635,3 +635,15 @@ def test_a_validation_sad_that_is_not_finite_chooses_no_best_model(tmp_path, mon
   loop.train_and_evaluate(config, tmp_path, progress=False)
   assert not (tmp_path / "best_model").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_a_coordinator_port_in_use_is_one_line(tmp_path):
+  import socket
+
+  with socket.socket() as taken:
+    taken.bind(("localhost", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    process = _cli(*_cluster(port, 2, 0), "--workdir", str(tmp_path / "run"), timeout=60)
+  _one_clear_line(process, f"cannot serve the coordinator at localhost:{port}: port {port} is "
+                           f"in use by another program or run")
