@@ -170,21 +170,27 @@ def test_the_resnet_init_names_a_file_that_is_not_a_checkpoint(tmp_path):
   assert "torch" not in process.stderr.strip().splitlines()[-1].split("checkpoint", 1)[1]
 
 
-@pytest.mark.slow  # trains two steps (~1 minute on two cores)
-def test_a_failing_validation_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.slow  # trains two steps twice (~2 minutes on two cores)
+def test_a_failing_validation_or_summary_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
   from configs import smoke
 
   def fail(*args, **kwargs):
-    raise RuntimeError("validation broke")
+    raise RuntimeError("it broke")
 
   monkeypatch.setattr(loop, "validate", fail)
   config = smoke.get_config()
   config.num_train_steps, config.eval_every, config.checkpoint_every = 2, 2, 1000
-  with pytest.raises(RuntimeError, match="validation broke"):
-    loop.train_and_evaluate(config, tmp_path, progress=False)
-  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
-  workdir_lib.claim(tmp_path, lead=True)  # released after the failure
-  workdir_lib.release(tmp_path)
+  config.image_summary_every = 0
+  with pytest.raises(RuntimeError, match="it broke"):
+    loop.train_and_evaluate(config, tmp_path / "validation", progress=False)
+  assert [p.name for p in (tmp_path / "validation" / "checkpoints").iterdir()] == ["2"]
+  workdir_lib.claim(tmp_path / "validation", lead=True)  # released after the failure
+  workdir_lib.release(tmp_path / "validation")
+  monkeypatch.setattr(loop._Logger, "images", fail)
+  config.eval_every, config.image_summary_every = 0, 2
+  with pytest.raises(RuntimeError, match="it broke"):
+    loop.train_and_evaluate(config, tmp_path / "summary", progress=False)
+  assert [p.name for p in (tmp_path / "summary" / "checkpoints").iterdir()] == ["2"]
 
 
 @pytest.mark.slow  # two training runs and a resume (~2 minutes on two cores)

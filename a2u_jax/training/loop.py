@@ -701,7 +701,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
           logger.scalars(step, last)
         if summarising:
           batch = runtime.local_batch(batch)
-          logger.images(step, batch, predictor(device_state)(batch["image"], batch["trimap"]))
+          try:
+            logger.images(step, batch,
+                          predictor(device_state)(batch["image"], batch["trimap"]))
+          except Exception:
+            # Image summaries must not cost the step's training either: save it first.
+            _save(latest, runtime.get(device_state), config)
+            raise
         # Everything a step logs is written before its checkpoint is: a run killed after
         # the checkpoint resumes past this step and would not log it again.
         if validating:
