@@ -68,8 +68,36 @@ def initialize(*, auto: bool = False, coordinator_address: str | None = None,
   if all(given):
     _initialize_explicit(coordinator_address, num_processes, process_id, timeout)
   else:
-    jax.distributed.initialize()
+    _initialize_detected(timeout)
   return True
+
+
+def _initialize_detected(timeout: float) -> None:
+  """JAX's cluster auto-detection, with the same start-up timeout as an explicit cluster."""
+  done = threading.Event()
+
+  def give_up():
+    if not done.wait(timeout):
+      print(f"error: JAX's cluster detection (--config.distributed / --distributed): not "
+            f"every process of the detected cluster joined within {timeout:g} s "
+            f"(--distributed_timeout); check that all of them started", file=sys.stderr,
+            flush=True)
+      os._exit(1)
+
+  threading.Thread(target=give_up, daemon=True, name="distributed-timeout").start()
+  try:
+    jax.distributed.initialize(initialization_timeout=int(timeout) + 60)
+  except ValueError as error:
+    raise ValueError(f"--config.distributed / --distributed: JAX found no cluster to join "
+                     f"({str(error).strip()}); it detects SLURM, Open MPI, TPU pods and "
+                     f"Kubernetes. On one machine leave it off; otherwise give "
+                     f"--coordinator_address, --num_processes and --process_id") from None
+  except RuntimeError as error:  # JaxRuntimeError
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ValueError(f"--config.distributed / --distributed: the distributed runtime of the "
+                     f"detected cluster did not start ({first})") from None
+  finally:
+    done.set()
 
 
 def _initialize_explicit(address: str, count: int, index: int, timeout: float) -> None:

@@ -653,3 +653,11 @@ def test_a_coordinator_port_in_use_is_one_line(tmp_path):
     process = _cli(*_cluster(port, 2, 0), "--workdir", str(tmp_path / "run"), timeout=60)
   _one_clear_line(process, f"cannot serve the coordinator at localhost:{port}: port {port} is "
                            f"in use by another program or run")
+
+
+def test_cluster_detection_without_a_cluster_says_what_to_do(tmp_path):
+  process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"),
+                 "--config.distributed=True")
+  _one_clear_line(process, "--config.distributed / --distributed: JAX found no cluster to "
+                           "join")
+  assert not (tmp_path / "run").exists()
