@@ -87,8 +87,11 @@ def load_model_checkpoint(directory: str | os.PathLike
   directory = pathlib.Path(directory).absolute()
   config_path = directory / MODEL_FILE
   if not config_path.is_file() or not (directory / VARIABLES_DIR).is_dir():
+    inside = [name for name in ("model", "best_model") if (directory / name / MODEL_FILE).is_file()]
+    hint = (f" (a train.py workdir: give {directory / inside[0]}"
+            f"{' or ' + str(directory / inside[1]) if len(inside) > 1 else ''})" if inside else "")
     raise FileNotFoundError(f"{directory} is not a model checkpoint: expected {MODEL_FILE} "
-                            f"and {VARIABLES_DIR}/ inside it")
+                            f"and {VARIABLES_DIR}/ inside it{hint}")
   try:
     model_config = json.loads(config_path.read_text())
   except json.JSONDecodeError as error:

@@ -661,3 +661,14 @@ def test_cluster_detection_without_a_cluster_says_what_to_do(tmp_path):
   _one_clear_line(process, "--config.distributed / --distributed: JAX found no cluster to "
                            "join")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_given_as_the_checkpoint_names_its_model_folders(converted_checkpoint, tmp_path):
+  import shutil
+
+  from a2u_jax import checkpointing
+
+  shutil.copytree(converted_checkpoint, tmp_path / "model")
+  with pytest.raises(FileNotFoundError, match=r"is not a model checkpoint: .*\(a train.py "
+                                              r"workdir: give .*/model\)"):
+    checkpointing.load_model_checkpoint(tmp_path)
