@@ -85,20 +85,22 @@ def augment_section(folder: pathlib.Path, batch: int, crop: int, repeats: int) -
     start = time.perf_counter()
     jax.block_until_ready(jax_composition.compose_batch(on_device, crop))
     times.append(time.perf_counter() - start)
-  return {"canvas": list(host_batch["fg"].shape[1:3]),
+  return {"canvas": [len(host_batch["warp_row_x"][0]), len(host_batch["warp_col_x"][0])],
+          "foreground_pixels": host_batch["fg"].shape[1],
           "background_canvas": list(host_batch["background"].shape[1:3]),
           "compile_s": compile_s, "augment_ms": 1e3 * statistics.median(times)}
 
 
 def canvas_section(folder: pathlib.Path, batch: int, crop: int, epochs: int) -> dict:
-  """How many executors (distinct canvas pairs) `epochs` epochs of the data compile, from
-  image headers alone (nothing is decoded)."""
+  """How many executors (distinct padded shapes) `epochs` epochs of the data compile,
+  from image headers alone (nothing is decoded)."""
   stream = jax_pipeline.JaxStream(jax_pipeline.host_source("folder", root=str(folder)),
                                   batch_size=batch, crop_size=crop)
   batches = max(1, epochs * stream.source.epoch_length // batch)
   pairs = {stream.canvases(index) for index in range(batches)}
   return {"batches": batches, "compiles": len(pairs),
-          "canvases": " ".join(f"{c[0]}x{c[1]}/{b[0]}x{b[1]}" for c, b in sorted(pairs))}
+          "shapes (grid canvas / foreground pixels / background canvas)": " ".join(
+              f"{c[0]}x{c[1]}/{n}/{b[0]}x{b[1]}" for c, n, b in sorted(pairs))}
 
 
 def pipeline_section(folder: pathlib.Path, batch: int, crop: int, batches: int,

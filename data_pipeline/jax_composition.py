@@ -148,16 +148,23 @@ def _sizes(height0: int, width0: int, bg_height0: int, bg_width0: int,
           enlarged(covering(bg_height0)), enlarged(covering(bg_width0)))
 
 
+def _pixel_bucket(count: int) -> int:
+  """The padded length of a flat image of `count` pixels (a square canvas's area)."""
+  return canvas_side(int(np.ceil(np.sqrt(count)))) ** 2
+
+
 def canvases(fg_size: tuple[int, int], fg2_size: tuple[int, int] | None,
              bg_size: tuple[int, int], decisions: protocol.Decisions, crop_size: int
-             ) -> tuple[tuple[int, int], tuple[int, int]]:
-  """The (canvas, background canvas) one example needs, from image sizes (h, w) alone
-  (fg2_size: None unless the merge is drawn); a batch takes the largest of each side."""
+             ) -> tuple[tuple[int, int], int, tuple[int, int]]:
+  """The padded shapes one example needs, from image sizes (h, w) alone (fg2_size: None
+  unless the merge is drawn): (grid canvas, foreground pixels, background canvas). A batch
+  takes the largest of each; one executor is compiled per distinct triple."""
   height, width, grid_height, grid_width, _, _ = _sizes(*fg_size, *bg_size, decisions,
                                                         crop_size)
   fg2_size = fg2_size if decisions.merge else (1, 1)
-  return ((canvas_side(max(fg_size[0], height, grid_height, fg2_size[0])),
-           canvas_side(max(fg_size[1], width, grid_width, fg2_size[1]))),
+  return ((canvas_side(max(fg_size[0], height, grid_height)),
+           canvas_side(max(fg_size[1], width, grid_width))),
+          _pixel_bucket(max(fg_size[0] * fg_size[1], fg2_size[0] * fg2_size[1])),
           (canvas_side(bg_size[0]), canvas_side(bg_size[1])))
 
 
@@ -222,7 +229,7 @@ def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
       "whole_cols": _nearest_index(crop_size, grid_width),
       "kernel_runs": np.stack([fg_left, fg_right, bg_left, bg_right]),
       "sizes": np.array([height0, width0, height, width, grid_height, grid_width,
-                         bg_height0, bg_width0], np.int32),
+                         bg_height0, bg_width0, *alpha2.shape], np.int32),
       "flags": np.array([merge, decisions.hue_degrees], np.int32),
       "draws": np.array([decisions.pick_draw, decisions.top_draw, decisions.left_draw],
                         np.uint32),
@@ -241,27 +248,35 @@ _IMAGES = ("fg", "alpha", "fg2", "alpha2")
 
 
 def collate(plans: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-  """Pads a list of `plan`s to one canvas and stacks them: a batch for `compose_batch`.
+  """Pads a list of `plan`s and stacks them: a batch for `compose_batch`.
 
-  The canvas holds the largest foreground, second foreground, trimap grid and enlarged
-  grid of the batch; the background canvas the largest background; both sides rounded up
-  by `canvas_side`.
+  The index vectors are padded to the grid canvas, which holds the largest foreground,
+  trimap grid and enlarged grid of the batch (sides rounded up by `canvas_side`). The
+  foregrounds and alphas travel flat, unpadded but for the tail up to a bucketed length
+  (`_pixel_bucket`): the device indexes them by row * width + column, so a canvas of
+  padding is neither copied on the host nor sent. The background (small) keeps its
+  canvas.
   """
   def largest(axis):
-    sizes = [p["sizes"][[axis, axis + 2, axis + 4]].max() for p in plans]
-    sizes += [p["fg2"].shape[axis] for p in plans]
-    return canvas_side(int(max(sizes)))
+    return canvas_side(int(max(p["sizes"][[axis, axis + 2, axis + 4]].max() for p in plans)))
 
   canvas = (largest(0), largest(1))
+  pixels = _pixel_bucket(max(p[key].shape[0] * p[key].shape[1]
+                             for p in plans for key in ("alpha", "alpha2")))
   bg_canvas = tuple(canvas_side(max(p["background"].shape[axis] for p in plans))
                     for axis in (0, 1))
   batch = {}
   for key in plans[0]:
-    if key in _IMAGES or key == "background":
-      target = bg_canvas if key == "background" else canvas
-      first = plans[0][key]
+    first = plans[0][key]
+    if key in _IMAGES:
+      stacked = np.zeros((len(plans), pixels) + first.shape[2:], first.dtype)
+      for i, p in enumerate(plans):
+        flat = p[key].reshape((-1,) + first.shape[2:])
+        stacked[i, :flat.shape[0]] = flat
+      batch[key] = stacked
+    elif key == "background":
       # One copy into the zeroed canvas (padding, then stacking, would be two).
-      stacked = np.zeros((len(plans),) + target + first.shape[2:], first.dtype)
+      stacked = np.zeros((len(plans),) + bg_canvas + first.shape[2:], first.dtype)
       for i, p in enumerate(plans):
         stacked[i, :p[key].shape[0], :p[key].shape[1]] = p[key]
       batch[key] = stacked
@@ -365,18 +380,24 @@ def _hsv_jitter(fg: jax.Array, alpha: jax.Array, hue_degrees, saturation_draw,
 
 def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: int
                  ) -> dict[str, jax.Array]:
-  canvas_height, canvas_width = ex["alpha"].shape
+  canvas_height, canvas_width = ex["warp_row_x"].shape[0], ex["warp_col_x"].shape[0]
   rows = jnp.arange(canvas_height, dtype=jnp.int32)[:, None]
   cols = jnp.arange(canvas_width, dtype=jnp.int32)[None, :]
-  (height0, width0, height, width, grid_height, grid_width, bg_height0,
-   bg_width0) = ex["sizes"]
+  (height0, width0, height, width, grid_height, grid_width, bg_height0, bg_width0,
+   height2, width2) = ex["sizes"]
   merge_drawn, hue_degrees = ex["flags"][0] > 0, ex["flags"][1]
 
   # 1. The merge, as alpha codes on the first foreground's grid.
-  alpha1 = ex["alpha"].astype(jnp.int32)
-  alpha2 = ex["alpha2"][ex["second_rows"][:, None], ex["second_cols"][None, :]]
-  merged_code = _MERGED + 256 * alpha1 + alpha2.astype(jnp.int32)
+  def first_pixel(source_rows, source_cols):  # flat index into fg and alpha
+    return source_rows * width0 + source_cols
+
+  def second_pixel(source_rows, source_cols):  # fg2 and alpha2, through their resize map
+    return ex["second_rows"][source_rows] * width2 + ex["second_cols"][source_cols]
+
   in_source = (rows < height0) & (cols < width0)
+  alpha1 = jnp.where(in_source, ex["alpha"][first_pixel(rows, cols)], 0).astype(jnp.int32)
+  alpha2 = jnp.where(in_source, ex["alpha2"][second_pixel(rows, cols)], 0)
+  merged_code = _MERGED + 256 * alpha1 + alpha2.astype(jnp.int32)
   merge = merge_drawn & jnp.any(in_source & ~_definite(merged_code)[0])  # any value < 1
   source_code = jnp.where(merge, merged_code, alpha1)
 
@@ -440,14 +461,14 @@ def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: in
 
   # The foreground at the crop's pixels only, merged there.
   inside, fg_rows, fg_cols = source_of(crop_rows, crop_cols)
-  fg = jnp.where(inside[..., None], ex["fg"][fg_rows, fg_cols], 0).astype(jnp.float32)
-  # The second foreground's own pixels, through its resize map (as its alpha above).
-  rows2, cols2 = ex["second_rows"][fg_rows], ex["second_cols"][fg_cols]
+  fg = jnp.where(inside[..., None], ex["fg"][first_pixel(fg_rows, fg_cols)],
+                 0).astype(jnp.float32)
+  second = second_pixel(fg_rows, fg_cols)
   code1 = jnp.where(inside, alpha1[fg_rows, fg_cols], 0)
-  code2 = jnp.where(inside, ex["alpha2"][rows2, cols2].astype(jnp.int32), 0)
+  code2 = jnp.where(inside, ex["alpha2"][second].astype(jnp.int32), 0)
   a1, a2 = value_table[code1][..., None], value_table[code2][..., None]
   merged_alpha = value_table[_MERGED + 256 * code1 + code2][..., None]
-  f2 = jnp.where(inside[..., None], ex["fg2"][rows2, cols2], 0).astype(jnp.float32)
+  f2 = jnp.where(inside[..., None], ex["fg2"][second], 0).astype(jnp.float32)
   fg = jnp.where(merge, jnp.floor((fg * a1 + f2 * (1.0 - a1) * a2) / (merged_alpha + 1e-5)),
                  fg)
 

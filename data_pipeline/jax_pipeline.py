@@ -214,19 +214,23 @@ class JaxStream:
                                 self.source.background(int(decisions.background_index)),
                                 decisions, self.crop_size)
 
-  def canvases(self, batch_index: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The (canvas, background canvas) of this process's batch `batch_index` (counted
-    from the stream's start), from image headers: which compiled executor it uses."""
-    canvas, bg_canvas = (0, 0), (0, 0)
+  def canvases(self, batch_index: int) -> tuple[tuple[int, int], int, tuple[int, int]]:
+    """The padded shapes of this process's batch `batch_index` (counted from the stream's
+    start), from image headers (`jax_composition.canvases`): which compiled executor it
+    uses."""
+    shapes = []
     for counter in range(batch_index * self.batch_size, (batch_index + 1) * self.batch_size):
       d = self.decisions(self.global_index(counter))
       second = (self.source.foreground_size(int(d.second_index)) if d.merge else None)
-      example = jax_composition.canvases(
+      shapes.append(jax_composition.canvases(
           self.source.foreground_size(int(d.foreground_index)), second,
-          self.source.background_size(int(d.background_index)), d, self.crop_size)
-      canvas = tuple(map(max, canvas, example[0]))
-      bg_canvas = tuple(map(max, bg_canvas, example[1]))
-    return canvas, bg_canvas
+          self.source.background_size(int(d.background_index)), d, self.crop_size))
+    canvas, pixels, bg_canvas = zip(*shapes)
+
+    def largest(sizes):
+      return tuple(int(side) for side in np.max(sizes, axis=0))
+
+    return largest(canvas), max(pixels), largest(bg_canvas)
 
   def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """Collated host batches (`jax_composition.collate`), read by grain's threads."""

@@ -117,7 +117,8 @@ def test_canvas_sides_bound_the_compilations():
   kept = [k for k in range(40) if not protocol.draw(0, k, num_foregrounds=3,
                                                     num_backgrounds=2, epoch_length=3).resize]
   first, second = batch(kept[:2]), batch(kept[2:4])
-  assert first["fg"].shape == second["fg"].shape == (2, 256, 256, 3)
+  assert first["fg"].shape == second["fg"].shape == (2, 256 * 256, 3)
+  assert first["warp_row_x"].shape == second["warp_row_x"].shape == (2, 256)
   before = jax_composition._compose._cache_size()
   jax_composition.compose_batch(first, 64)
   jax_composition.compose_batch(second, 64)
@@ -169,4 +170,6 @@ def test_canvases_from_headers_are_the_collated_batches():
   source = jax_pipeline.host_source("synthetic", **_SYNTHETIC)
   stream = jax_pipeline.JaxStream(source, batch_size=3, crop_size=64, seed=6)
   for index, batch in zip(range(4), stream.host_batches()):
-    assert stream.canvases(index) == (batch["fg"].shape[1:3], batch["background"].shape[1:3])
+    assert stream.canvases(index) == (
+        (batch["warp_row_x"].shape[1], batch["warp_col_x"].shape[1]), batch["fg"].shape[1],
+        batch["background"].shape[1:3])
