@@ -101,40 +101,20 @@ def pipeline_rate(source, crop, samples, batch_size):
 
 
 def jax_rate(kind, payload, crop, samples, batch_size):
-  """The JAX executor: the host decodes and plans each example in this process, the
-  device (here the CPU) composites the batch (data_pipeline.jax_composition)."""
-  from data_pipeline import jax_composition, protocol
-  from data_pipeline.files import read_image
+  """The JAX pipeline as train.py runs it (data_pipeline.jax_pipeline): grain's threads
+  decode and plan, the device (here the CPU itself) composites each batch."""
+  import jax
 
-  foregrounds, alphas, backgrounds = payload
-  count = len(foregrounds)
+  from data_pipeline import jax_pipeline
 
-  def rgb(item):
-    return item if kind == "arrays" else read_image(item, "rgb")[0]
-
-  def grey(item):
-    return item if kind == "arrays" else read_image(item, "grey")[0]
-
-  def batch(start):
-    plans = []
-    for index in range(start, start + batch_size):
-      d = protocol.draw(0, index, num_foregrounds=count, num_backgrounds=len(backgrounds),
-                        epoch_length=count)
-      first, second = int(d.foreground_index), int(d.second_index)
-      fg2, alpha2 = ((rgb(foregrounds[second]), grey(alphas[second])) if d.merge
-                     else (None, None))
-      plans.append(jax_composition.plan(
-          rgb(foregrounds[first]), grey(alphas[first]), fg2, alpha2,
-          rgb(backgrounds[int(d.background_index)]), d, crop))
-    out = jax_composition.compose_batch(jax_composition.collate(plans), crop)
-    out["image"].block_until_ready()
-
-  for warm in range(4):  # compile each canvas the data reaches
-    batch(warm * batch_size)
+  source = jax_pipeline.HostSource("benchmark", *payload)
+  iterator = jax_pipeline.JaxStream(source, batch_size=batch_size, crop_size=crop).batches()
+  for _ in range(4):  # compiles the shapes the data reaches
+    jax.block_until_ready(next(iterator))
   batches = max(1, samples // batch_size)
   start = time.perf_counter()
-  for b in range(batches):
-    batch((b + 4) * batch_size)
+  for _ in range(batches):
+    jax.block_until_ready(next(iterator))
   return batches * batch_size / (time.perf_counter() - start)
 
 
