@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import protocol
-from data_pipeline.trimaps import ellipse_footprint
+from data_pipeline.trimaps import ellipse_row_runs
 
 # Canvas sides (pixels) an image is padded up to; larger images round up to a multiple of
 # the last step. Few sides: few compilations; close sides: little padding (at most a sixth
@@ -110,15 +110,10 @@ def _kernel_runs(size: int) -> tuple[np.ndarray, np.ndarray]:
   of the anchor (-1, -1 for rows the kernel does not have). Every run holds the anchor's
   column, so "a bad pixel under the run" is "the nearest bad pixel on the left is at most
   `left` away, or the nearest on the right at most `right`"."""
-  element = ellipse_footprint(int(size))
-  anchor = int(size) // 2
   left = np.full(_ROW_OFFSETS, -1, np.int32)
   right = np.full(_ROW_OFFSETS, -1, np.int32)
-  for i in range(element.shape[0]):
-    columns = np.flatnonzero(element[i])
-    if columns.size:
-      left[i - anchor + _HALF_SPAN] = anchor - columns[0]
-      right[i - anchor + _HALF_SPAN] = columns[-1] - anchor
+  for row, first, width in ellipse_row_runs(int(size)):
+    left[row + _HALF_SPAN], right[row + _HALF_SPAN] = -first, first + width - 1
   return left, right
 
 

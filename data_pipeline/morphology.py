@@ -16,7 +16,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline.trimaps import MAX_KERNEL_SIZE, ellipse_footprint
+from data_pipeline.trimaps import MAX_KERNEL_SIZE, ellipse_footprint, ellipse_row_runs
 
 try:
   import cv2
@@ -24,23 +24,11 @@ except ImportError:  # OpenCV is optional: the TF formulation is exact, only slo
   cv2 = None
 
 
-def _row_runs(size: int) -> list[tuple[int, int, int]]:
-  """(row offset, first column offset, width) of each non-empty row, relative to the anchor."""
-  element = ellipse_footprint(size)
-  anchor = size // 2
-  runs = []
-  for i in range(size):
-    columns = np.flatnonzero(element[i])
-    if columns.size:
-      runs.append((i - anchor, int(columns[0]) - anchor, int(columns.size)))
-  return runs
-
-
 def _erode_tf_static(mask: tf.Tensor, size: int) -> tf.Tensor:
   """Binary erosion of a (H, W) uint8 {0,1} mask by the ellipse of a Python-int size."""
   bad = 1.0 - tf.cast(mask, tf.float32)[None, :, :, None]
   height, width = tf.shape(mask)[0], tf.shape(mask)[1]
-  runs = _row_runs(size)
+  runs = ellipse_row_runs(size)
   reach_x = max(max(-j, j + w - 1) for _, j, w in runs)
   reach_y = max(abs(i) for i, _, _ in runs)
   # Outside the image nothing erodes (OpenCV's default border for erosion): pad with 0 "bad".

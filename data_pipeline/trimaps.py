@@ -37,6 +37,19 @@ def ellipse_footprint(size: int) -> np.ndarray:
   return element
 
 
+def ellipse_row_runs(size: int) -> list[tuple[int, int, int]]:
+  """(row offset, first column offset, width) of each non-empty row of the element,
+  offsets relative to its anchor (size // 2, size // 2)."""
+  element = ellipse_footprint(size)
+  anchor = size // 2
+  runs = []
+  for i in range(size):
+    columns = np.flatnonzero(element[i])
+    if columns.size:
+      runs.append((i - anchor, int(columns[0]) - anchor, int(columns.size)))
+  return runs
+
+
 def erode(mask: np.ndarray, size: int) -> np.ndarray:
   """Binary erosion of a (H, W) {0, 1} mask by the ellipse of `size`, as `cv2.erode`.
 
