@@ -16,7 +16,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline.trimaps import MAX_KERNEL_SIZE, ellipse_footprint, ellipse_row_runs
+from data_pipeline.protocol import MAX_KERNEL_SIZE
+from data_pipeline.trimaps import ellipse_footprint, ellipse_row_runs
 
 try:
   import cv2

@@ -28,9 +28,9 @@ from PIL import Image
 
 from data_pipeline import synthetic, trimaps
 from data_pipeline.files import check_positive, check_stream_arguments
+from data_pipeline.protocol import (HFLIP_PROBABILITY, MAX_KERNEL_SIZE,
+                                   MIN_UNKNOWN_FOR_CENTRED_CROP)
 
-HFLIP_PROBABILITY = 0.5
-MIN_UNKNOWN_FOR_CENTRED_CROP = 10
 
 
 class SyntheticStream:
@@ -71,7 +71,7 @@ class SyntheticStream:
       alpha = _resize(alpha, height, width, Image.Resampling.NEAREST)
     bg = _resize(bg, height, width, Image.Resampling.BICUBIC)
     trimap = trimaps.trimap_from_alpha(alpha, *(int(s) for s in rng.integers(
-        1, trimaps.MAX_KERNEL_SIZE + 1, 2)))
+        1, MAX_KERNEL_SIZE + 1, 2)))
     top, left = _crop_corner(rng, trimap == trimaps.TRIMAP_UNKNOWN, crop_size)
     window = (slice(top, top + crop_size), slice(left, left + crop_size))
     fg = fg[window].astype(np.float32) / 255

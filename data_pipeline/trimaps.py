@@ -13,7 +13,6 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-MAX_KERNEL_SIZE = 29
 TRIMAP_UNKNOWN = 128
 
 

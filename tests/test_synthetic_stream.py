@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline import synthetic_stream, trimaps
+from data_pipeline import protocol, synthetic_stream, trimaps
 
 CROP = 32
 OPTIONS = dict(num_foregrounds=3, num_backgrounds=2, min_size=24, max_size=56, seed=0,
@@ -39,7 +39,7 @@ def test_numpy_erosion_equals_the_tf_pipeline_erosion():
   from data_pipeline import morphology
 
   mask = (np.random.default_rng(1).random((40, 52)) > 0.04).astype(np.uint8)
-  for size in range(1, trimaps.MAX_KERNEL_SIZE + 1):
+  for size in range(1, protocol.MAX_KERNEL_SIZE + 1):
     expected = morphology.erode(tf.constant(mask), tf.constant(size), use_opencv=False)
     np.testing.assert_array_equal(trimaps.erode(mask, size), expected.numpy(),
                                   err_msg=str(size))
