@@ -496,16 +496,18 @@ def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: in
 
 
 @functools.partial(jax.jit, static_argnames=("crop_size",))
-def _compose(batch, value_table, crop_size):
+def _compose(batch, crop_size):
+  # The table is a constant of the compiled executor, not an argument sent every batch.
+  value_table = jnp.asarray(_alpha_values())
   return jax.vmap(lambda ex: _compose_one(ex, value_table, crop_size))(batch)
 
 
 def compose_batch(batch: dict[str, Any], crop_size: int) -> dict[str, Any]:
-  """Composites a `collate`d batch on the default device.
+  """Composites a `collate`d batch where it lies (host arrays: on the default device).
 
   Returns:
     `image`, `fg`, `bg` float32 (B, crop, crop, 3) in [0, 1]; `alpha` float32
     (B, crop, crop, 1); `trimap` uint8 (B, crop, crop, 1) in {0, 128, 255}; and
     `decisions`, the data-dependent ones (merge, crop corner, ...) per example.
   """
-  return _compose(batch, jnp.asarray(_alpha_values()), crop_size)
+  return _compose(batch, crop_size)
