@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--host-threads", type=int, default=4)
   args = parser.parse_args(argv)
   args.batch, args.crop, args.scale = (2, 64, 0.25) if args.quick else (16, 512, 2.0)
+  # train.py splits the batch over every device: round it up to a multiple of their count.
+  devices = jax.device_count()
+  args.batch = -(-args.batch // devices) * devices
   args.steps, args.checkpoint_every = (6, 2) if args.quick else (300, 100)
   report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "batch": args.batch, "crop": args.crop}
