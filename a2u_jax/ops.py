@@ -25,6 +25,9 @@ Two implementations compute the same thing:
 * ``"gather"``: the same formulas with every window read by ``jax.lax.gather`` at
   precomputed source coordinates (the kernel cotangent's unit-stride windows are slices
   under both).
+* ``"pallas"``: Pallas kernels of the same three computations (`a2u_jax.pallas_reassembly`):
+  Triton on a GPU; elsewhere Pallas' interpret mode, exact but slow (it is how the CPU
+  tests check the kernels).
 
 Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps only the
 two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a
@@ -46,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from a2u_jax import pallas_reassembly
+
 # Named scopes (`jax.named_scope`) of the A2U computations, so that profiles attribute
 # their XLA operations (benchmarks/profile_step.py): the names appear in every HLO op's
 # metadata, in the forward and in the gradient.
@@ -55,8 +60,8 @@ REASSEMBLY_FORWARD_SCOPE = "a2u_reassembly_forward"
 KERNEL_COTANGENT_SCOPE = "a2u_kernel_cotangent"
 FEATURE_COTANGENT_SCOPE = "a2u_feature_cotangent"
 
-Implementation = Literal["slices", "gather"]
-IMPLEMENTATIONS: tuple[str, ...] = ("slices", "gather")
+Implementation = Literal["slices", "gather", "pallas"]
+IMPLEMENTATIONS: tuple[str, ...] = ("slices", "gather", "pallas")
 DEFAULT_IMPLEMENTATION: str = "slices"
 
 
@@ -288,6 +293,14 @@ _FORMULAS = {
 }
 
 
+def _formulas(direction: str, implementation: str) -> tuple[Callable, ...]:
+  """(forward, kernel cotangent, feature cotangent), each a function of (x, y, K)."""
+  if implementation == "pallas":
+    return pallas_reassembly.FORMULAS[direction]
+  read = _READERS[implementation]
+  return tuple(functools.partial(fn, read) for fn in _FORMULAS[direction])
+
+
 # ------------------------------------------------------------ op with the custom VJP
 
 
@@ -302,11 +315,11 @@ def _ungrouped(x: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _reassemble(direction: str, implementation: str, kernel_size: int, groups: int,
                 features: jax.Array, kernels: jax.Array) -> jax.Array:
-  forward, _, _ = _FORMULAS[direction]
+  forward, _, _ = _formulas(direction, implementation)
   dtype = _compute_dtype(features, kernels)
   with jax.named_scope(REASSEMBLY_FORWARD_SCOPE):
-    out = forward(_READERS[implementation], _grouped(features, groups, dtype),
-                  _grouped(kernels, groups, dtype), kernel_size)
+    out = forward(_grouped(features, groups, dtype), _grouped(kernels, groups, dtype),
+                  kernel_size)
     return _ungrouped(out).astype(jnp.result_type(features, kernels))
 
 
@@ -317,15 +330,14 @@ def _reassemble_fwd(direction, implementation, kernel_size, groups, features, ke
 
 def _reassemble_bwd(direction, implementation, kernel_size, groups, residuals, cotangent):
   features, kernels = residuals
-  _, kernel_grad, feature_grad = _FORMULAS[direction]
-  read = _READERS[implementation]
+  _, kernel_grad, feature_grad = _formulas(direction, implementation)
   dtype = _compute_dtype(features, kernels)
   f, m = _grouped(features, groups, dtype), _grouped(kernels, groups, dtype)
   ct = _grouped(cotangent, groups, dtype)
   with jax.named_scope(FEATURE_COTANGENT_SCOPE):
-    d_features = _ungrouped(feature_grad(read, m, ct, kernel_size)).astype(features.dtype)
+    d_features = _ungrouped(feature_grad(m, ct, kernel_size)).astype(features.dtype)
   with jax.named_scope(KERNEL_COTANGENT_SCOPE):
-    d_kernels = _ungrouped(kernel_grad(read, f, ct, kernel_size)).astype(kernels.dtype)
+    d_kernels = _ungrouped(kernel_grad(f, ct, kernel_size)).astype(kernels.dtype)
   return d_features, d_kernels
 
 
@@ -353,7 +365,7 @@ def reassemble_up(features: jax.Array, kernels: jax.Array, *, kernel_size: int,
     kernel_size: odd K >= 1; taps reach (K-1)//2 source pixels in every direction.
     groups: number of channel groups G (C must be divisible by G); channel c uses kernel
       group c // (C / G).
-    implementation: "slices" or "gather" (None: `DEFAULT_IMPLEMENTATION`).
+    implementation: "slices", "gather" or "pallas" (None: `DEFAULT_IMPLEMENTATION`).
 
   Returns:
     (N, 2h, 2w, C) array of dtype ``result_type(features, kernels)``.
@@ -384,7 +396,7 @@ def reassemble_down(features: jax.Array, kernels: jax.Array, *, kernel_size: int
       weights tap (ky, kx) for channel group g. Not assumed to be normalised.
     kernel_size: even K >= 2.
     groups: number of channel groups G (C must be divisible by G).
-    implementation: "slices" or "gather" (None: `DEFAULT_IMPLEMENTATION`).
+    implementation: "slices", "gather" or "pallas" (None: `DEFAULT_IMPLEMENTATION`).
 
   Returns:
     (N, H/2, W/2, C) array of dtype ``result_type(features, kernels)``.

@@ -48,10 +48,11 @@ def test_rule0_output_matches_the_authors_in_float32(share):
   assert _relative(out, _nhwc(reference["output_nchw"])) < 1e-5
 
 
-def _gradients(share, dtype):
+def _gradients(share, dtype, implementation=None):
   """(output, input gradient, parameter gradients) of sum(output * R), eval mode."""
   reference = np.load(REFERENCE / f"a2u_matting_{share}_rule0_grad.npz")
-  model = models.a2u_matting(share=share == "share", dtype=dtype)
+  model = models.a2u_matting(share=share == "share", dtype=dtype,
+                             implementation=implementation)
   variables = _variables(share, dtype)
   x = jnp.asarray(_nhwc(reference["input_nchw"]), dtype)
   r = jnp.asarray(_nhwc(reference["r_nchw"]), dtype)
@@ -84,10 +85,13 @@ def _reference_param_grads(reference, param_grads):
 
 
 # Each case compiles the network's gradient (~30 s on two cores): unshare runs with -m slow.
-@pytest.mark.parametrize("share", ["share", pytest.param("unshare", marks=pytest.mark.slow)])
-def test_float64_gradients_are_the_authors(share):
+# "pallas" runs the reassembly's Pallas kernels (interpret mode on the CPU: ~30 s, slow).
+@pytest.mark.parametrize("share,implementation", [
+    ("share", None), pytest.param("unshare", None, marks=pytest.mark.slow),
+    pytest.param("share", "pallas", marks=pytest.mark.slow)])
+def test_float64_gradients_are_the_authors(share, implementation):
   with jax.enable_x64(True):
-    reference, out, input_grad, param_grads = _gradients(share, jnp.float64)
+    reference, out, input_grad, param_grads = _gradients(share, jnp.float64, implementation)
     assert out.dtype == jnp.float64 and input_grad.dtype == jnp.float64
     assert _relative(out, _nhwc(reference["output_nchw_float64"])) < 1e-9
     assert _relative(input_grad, _nhwc(reference["input_grad_nchw"])) < 1e-7
