@@ -7,11 +7,11 @@ The decisions come from `data_pipeline.protocol` (as for the tf.data executor,
 - `plan` (host, NumPy, per example): everything that depends only on image sizes and the
   decisions, as scalars and 1-D index vectors: the nearest-neighbour maps (merge resize,
   640 resize, enlargement, whole-image resize), the affine warp's fixed-point row and
-  column terms (in double precision, as OpenCV computes them), the erosion kernels' row
-  runs, the background's scales. Cheap: O(H + W) per example.
+  column terms (in double precision, as OpenCV computes them), the erosion kernels'
+  columns, the background's scales. Cheap: O(H + W) per example.
 - `compose_batch` (device, jitted, vmapped over the batch): every per-pixel step: the
-  merge, the warp, the trimap erosion, the crop centred on an unknown pixel, the bicubic
-  background, the HSV jitter and the composite.
+  merge, the warp, the trimap erosion (on bits packed 32 to a word, `_hits`), the crop
+  centred on an unknown pixel, the bicubic background, the HSV jitter and the composite.
 
 Images of different sizes are padded to a canvas whose sides come from `CANVAS_SIDES`
 (`collate`), so a run compiles once per distinct (canvas, background canvas) pair: a bounded
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import protocol
-from data_pipeline.trimaps import ellipse_row_runs
+from data_pipeline.trimaps import ellipse_footprint
 
 # Canvas sides (pixels) an image is padded up to; larger images round up to a multiple of
 # the last step. Few sides: few compilations; close sides: little padding (at most a sixth
@@ -49,9 +49,9 @@ from data_pipeline.trimaps import ellipse_row_runs
 CANVAS_SIDES = (256, 384, 512, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048, 2304,
                 2560, 3072, 3584, 4096)
 _CANVAS_STEP = 1024
-_HALF_SPAN = protocol.MAX_KERNEL_SIZE // 2  # row offsets of any kernel: -14..14
-_ROW_OFFSETS = 2 * _HALF_SPAN + 1
-_FAR = 1 << 20  # a distance beyond any kernel's reach
+_HALF_SPAN = protocol.MAX_KERNEL_SIZE // 2  # row and column offsets of any kernel: -14..14
+_OFFSETS = 2 * _HALF_SPAN + 1
+_WORD_BITS = 32  # pixels of a row packed into one word for the erosion
 _MERGED = 256  # codes >= _MERGED are merged alphas: _MERGED + 256 * a1 + a2
 
 
@@ -105,16 +105,20 @@ def _nearest_index(out_size: int, in_size: int) -> np.ndarray:
   return np.minimum(index.astype(np.int32), in_size - 1)
 
 
-def _kernel_runs(size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per row offset -14..14 of the elliptic kernel: how far its run reaches left and right
-  of the anchor (-1, -1 for rows the kernel does not have). Every run holds the anchor's
-  column, so "a bad pixel under the run" is "the nearest bad pixel on the left is at most
-  `left` away, or the nearest on the right at most `right`"."""
-  left = np.full(_ROW_OFFSETS, -1, np.int32)
-  right = np.full(_ROW_OFFSETS, -1, np.int32)
-  for row, first, width in ellipse_row_runs(int(size)):
-    left[row + _HALF_SPAN], right[row + _HALF_SPAN] = -first, first + width - 1
-  return left, right
+def _kernel_columns(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per column offset -14..14 of the elliptic kernel: how many rows its column reaches
+  above and below the anchor's row (-1, -1 for columns the kernel does not have). The
+  kernel's middle row spans it and it is convex, so each column is one run through the
+  anchor's row."""
+  element = ellipse_footprint(int(size))
+  anchor = int(size) // 2
+  up = np.full(_OFFSETS, -1, np.int32)
+  down = np.full(_OFFSETS, -1, np.int32)
+  for column in range(element.shape[1]):
+    rows = np.flatnonzero(element[:, column])
+    up[column - anchor + _HALF_SPAN] = anchor - rows[0]
+    down[column - anchor + _HALF_SPAN] = rows[-1] - anchor
+  return up, down
 
 
 def _fixed_point(value: np.ndarray, offset: float = 0.0) -> np.ndarray:
@@ -200,8 +204,10 @@ def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
   x = (width - 1 - columns if decisions.hflip else columns).astype(np.float64)
   half = float(1 << protocol.WARP_BITS) / 2
 
-  fg_left, fg_right = _kernel_runs(decisions.fg_kernel)
-  bg_left, bg_right = _kernel_runs(decisions.bg_kernel)
+  enlarged_cols = _nearest_index(grid_width, width)
+  margin = crop_size // 2
+  fg_up, fg_down = _kernel_columns(decisions.fg_kernel)
+  bg_up, bg_down = _kernel_columns(decisions.bg_kernel)
   f32 = np.float32
   return {
       "fg": fg, "alpha": alpha, "fg2": fg2, "alpha2": alpha2, "background": background,
@@ -219,10 +225,13 @@ def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
       "second_cols": _nearest_index(width0, alpha2.shape[1]),
       # Rows and columns of the enlarged grid, and of the crop when nothing is unknown.
       "enlarged_rows": _nearest_index(grid_height, height),
-      "enlarged_cols": _nearest_index(grid_width, width),
+      "enlarged_cols": enlarged_cols,
+      # Per trimap column: its copies among the enlarged grid's interior columns.
+      "candidate_columns": np.bincount(enlarged_cols[margin:grid_width - margin],
+                                       minlength=width).astype(np.int32),
       "whole_rows": _nearest_index(crop_size, grid_height),
       "whole_cols": _nearest_index(crop_size, grid_width),
-      "kernel_runs": np.stack([fg_left, fg_right, bg_left, bg_right]),
+      "kernel_columns": np.stack([fg_up, fg_down, bg_up, bg_down]),
       "sizes": np.array([height0, width0, height, width, grid_height, grid_width,
                          bg_height0, bg_width0, *alpha2.shape], np.int32),
       "flags": np.array([merge, decisions.hue_degrees], np.int32),
@@ -238,7 +247,7 @@ def plan(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
 
 _VECTOR_AXES = {"warp_row_x": 0, "warp_row_y": 0, "to_source_rows": 0, "second_rows": 0,
                 "enlarged_rows": 0, "warp_col_x": 1, "warp_col_y": 1, "to_source_cols": 1,
-                "second_cols": 1, "enlarged_cols": 1}
+                "second_cols": 1, "enlarged_cols": 1, "candidate_columns": 1}
 _IMAGES = ("fg", "alpha", "fg2", "alpha2")
 
 
@@ -266,8 +275,9 @@ def collate(plans: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     if key in _IMAGES:
       stacked = np.zeros((len(plans), pixels) + first.shape[2:], first.dtype)
       for i, p in enumerate(plans):
-        flat = p[key].reshape((-1,) + first.shape[2:])
-        stacked[i, :flat.shape[0]] = flat
+        # One copy, into a view of the row (reshaping a non-contiguous image would be two).
+        image = p[key]
+        stacked[i, :image.shape[0] * image.shape[1]].reshape(image.shape)[...] = image
       batch[key] = stacked
     elif key == "background":
       # One copy into the zeroed canvas (padding, then stacking, would be two).
@@ -283,33 +293,87 @@ def collate(plans: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return batch
 
 
-def _erode(definite: jax.Array, inside: jax.Array, left: jax.Array, right: jax.Array
-           ) -> jax.Array:
-  """Binary erosion by an elliptic kernel given as row runs (`_kernel_runs`).
+def _pack_columns(mask: jax.Array) -> jax.Array:
+  """(H, W) bool -> (H, W / 32) uint32: bit b of word j is column 32 j + b."""
+  height, width = mask.shape
+  bits = (mask.reshape(height, width // _WORD_BITS, _WORD_BITS).astype(jnp.uint32)
+          << jnp.arange(_WORD_BITS, dtype=jnp.uint32))
+  return jnp.sum(bits, axis=2, dtype=jnp.uint32)  # distinct bits: the sum is their OR
 
-  Pixels outside the grid erode nothing (OpenCV's border for erosion): only definite=0
-  pixels inside it are "bad". Each row's distance to its nearest bad pixel on either side
-  (two scans) is compared with every row offset's reach. Distances beyond any reach are
-  capped, so they fit in int8: the 29 passes over the image move a quarter of the bytes.
+
+def _unpack_columns(words: jax.Array) -> jax.Array:
+  height, num_words = words.shape
+  bits = (words[..., None] >> jnp.arange(_WORD_BITS, dtype=jnp.uint32)) & 1
+  return bits.astype(bool).reshape(height, num_words * _WORD_BITS)
+
+
+def _shift_columns(words: jax.Array, offset: int) -> jax.Array:
+  """Packed rows read `offset` columns to the right: out(x) = in(x + offset), zeros
+  shifted in at the ends."""
+  if offset == 0:
+    return words
+  zeros = jnp.zeros_like(words[:, :1])
+  if offset > 0:
+    following = jnp.concatenate([words[:, 1:], zeros], axis=1)
+    return (words >> offset) | (following << (_WORD_BITS - offset))
+  preceding = jnp.concatenate([zeros, words[:, :-1]], axis=1)
+  return (words << -offset) | (preceding >> (_WORD_BITS + offset))
+
+
+def _example_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  """`_hits` of one example: (H, W / 32) uint32 words and its (29,) kernel columns."""
+  height = bad.shape[0]
+  padded = jnp.pad(bad, ((_HALF_SPAN, _HALF_SPAN), (0, 0)))
+  above, below = [bad], [bad]
+  for reach in range(1, _HALF_SPAN + 1):
+    above.append(above[-1] | padded[_HALF_SPAN - reach:_HALF_SPAN - reach + height])
+    below.append(below[-1] | padded[_HALF_SPAN + reach:_HALF_SPAN + reach + height])
+  above, below = jnp.stack(above), jnp.stack(below)
+  hit = jnp.zeros_like(bad)
+  for i in range(_OFFSETS):  # column offset i - _HALF_SPAN
+    column = (jax.lax.dynamic_index_in_dim(above, jnp.maximum(up[i], 0), keepdims=False)
+              | jax.lax.dynamic_index_in_dim(below, jnp.maximum(down[i], 0),
+                                             keepdims=False))
+    hit |= _shift_columns(jnp.where(up[i] >= 0, column, jnp.uint32(0)), i - _HALF_SPAN)
+  return hit
+
+
+def _hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  """Binary erosion, packed: which pixels have a bad pixel under their kernel.
+
+  Args:
+    bad: (N, H, W / 32) uint32, the pixels that erode (`_pack_columns`): non-definite
+      pixels inside the image (outside it nothing erodes: OpenCV's border for erosion).
+    up, down: (N, 29) int32, each example's kernel (`_kernel_columns`).
+
+  Returns:
+    (N, H, W / 32) uint32: set where the eroded mask is 0.
+
+  The kernel is the union of its columns: the column at offset dx reaching t rows up and
+  u rows down contributes (above_t | below_u) read dx columns to the right, where above_t
+  is the OR of a pixel's row and the t rows above it. The 15 levels of each are built
+  once, an OR of whole words per level, so a column costs one shift per 32 pixels (the
+  unpacked erosion, 29 compares per pixel, took 4x longer on CPU). The examples' kernels
+  differ, so each picks its levels by dynamic index. On CPU a loop over the examples
+  (`lax.map`) keeps those slices (vmapped, they become gathers, ~30x slower there);
+  accelerators take the vmapped gathers, which keep the whole batch in one kernel.
   """
-  columns = jnp.arange(definite.shape[1], dtype=jnp.int32)[None, :]
-  bad = inside & ~definite
-  last_bad = jax.lax.cummax(jnp.where(bad, columns, -_FAR), axis=1)
-  next_bad = jax.lax.cummin(jnp.where(bad, columns, 2 * _FAR), axis=1, reverse=True)
-  beyond = _HALF_SPAN + 1
-  # Rows beyond the image are as far from a bad pixel as can be.
-  padding = ((_HALF_SPAN, _HALF_SPAN), (0, 0))
-  distance_left = jnp.pad(jnp.minimum(columns - last_bad, beyond).astype(jnp.int8), padding,
-                          constant_values=beyond)
-  distance_right = jnp.pad(jnp.minimum(next_bad - columns, beyond).astype(jnp.int8),
-                           padding, constant_values=beyond)
-  left, right = left.astype(jnp.int8), right.astype(jnp.int8)
-  rows = definite.shape[0]
-  hit = jnp.zeros(definite.shape, bool)
-  for i in range(_ROW_OFFSETS):  # row offset i - _HALF_SPAN
-    hit |= ((distance_left[i:i + rows] <= left[i])
-            | (distance_right[i:i + rows] <= right[i]))
-  return ~hit
+  return jax.lax.platform_dependent(bad, up, down, cpu=_looped_hits,
+                                    default=_vectorised_hits)
+
+
+def _looped_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  return jax.lax.map(lambda example: _example_hits(*example), (bad, up, down))
+
+
+def _vectorised_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  return jax.vmap(_example_hits)(bad, up, down)
+
+
+def _bit(words: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """The bits of packed (H, W / 32) words at (broadcasting) pixel positions, as bool."""
+  return ((words[rows, cols // _WORD_BITS] >> (cols % _WORD_BITS).astype(jnp.uint32)) & 1
+          ).astype(bool)
 
 
 def _keys_cubic(x: jax.Array) -> jax.Array:
@@ -373,63 +437,92 @@ def _hsv_jitter(fg: jax.Array, alpha: jax.Array, hue_degrees, saturation_draw,
   return _hsv_to_rgb(jnp.where(is_hue, wrapped, reflected)) * 255.0
 
 
-def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: int
-                 ) -> dict[str, jax.Array]:
+def _canvas_positions(ex: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(rows (H, 1), columns (1, W)) of the example's canvas, int32."""
   canvas_height, canvas_width = ex["warp_row_x"].shape[0], ex["warp_col_x"].shape[0]
-  rows = jnp.arange(canvas_height, dtype=jnp.int32)[:, None]
-  cols = jnp.arange(canvas_width, dtype=jnp.int32)[None, :]
-  (height0, width0, height, width, grid_height, grid_width, bg_height0, bg_width0,
-   height2, width2) = ex["sizes"]
-  merge_drawn, hue_degrees = ex["flags"][0] > 0, ex["flags"][1]
+  return (jnp.arange(canvas_height, dtype=jnp.int32)[:, None],
+          jnp.arange(canvas_width, dtype=jnp.int32)[None, :])
+
+
+def _first_pixel(ex, source_rows, source_cols):
+  """Flat index into fg and alpha."""
+  return source_rows * ex["sizes"][1] + source_cols
+
+
+def _second_pixel(ex, source_rows, source_cols):
+  """Flat index into fg2 and alpha2, through their resize map."""
+  return ex["second_rows"][source_rows] * ex["sizes"][9] + ex["second_cols"][source_cols]
+
+
+def _source_of(ex, grid_rows, grid_cols):
+  """(valid, source row, source col) of trimap-grid positions (broadcasting): OpenCV's
+  fixed-point warp (resize, affine and flip) onto the source."""
+  height, width = ex["sizes"][2], ex["sizes"][3]
+  canvas_height, canvas_width = ex["warp_row_x"].shape[0], ex["warp_col_x"].shape[0]
+  shift = protocol.WARP_BITS
+  src_x = (ex["warp_row_x"][grid_rows] + ex["warp_col_x"][grid_cols]) >> shift
+  src_y = (ex["warp_row_y"][grid_rows] + ex["warp_col_y"][grid_cols]) >> shift
+  valid = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
+  source_rows = ex["to_source_rows"][jnp.clip(src_y, 0, canvas_height - 1)]
+  source_cols = ex["to_source_cols"][jnp.clip(src_x, 0, canvas_width - 1)]
+  return valid, source_rows, source_cols
+
+
+def _merged_codes(merge, code1, code2):
+  """The alpha codes of a pixel of the first and the second foreground after the merge."""
+  return jnp.where(merge, _MERGED + 256 * code1 + code2, code1)
+
+
+def _grid_codes(ex: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Steps 1-4 of one example: whether the merge happens, and the pixels of the trimap
+  grid that erode the definite foreground and background (packed, `_hits`' input)."""
+  rows, cols = _canvas_positions(ex)
+  height0, width0 = ex["sizes"][0], ex["sizes"][1]
+  merge_drawn = ex["flags"][0] > 0
 
   # 1. The merge, as alpha codes on the first foreground's grid.
-  def first_pixel(source_rows, source_cols):  # flat index into fg and alpha
-    return source_rows * width0 + source_cols
-
-  def second_pixel(source_rows, source_cols):  # fg2 and alpha2, through their resize map
-    return ex["second_rows"][source_rows] * width2 + ex["second_cols"][source_cols]
-
   in_source = (rows < height0) & (cols < width0)
-  alpha1 = jnp.where(in_source, ex["alpha"][first_pixel(rows, cols)], 0).astype(jnp.int32)
-  alpha2 = jnp.where(in_source, ex["alpha2"][second_pixel(rows, cols)], 0)
-  merged_code = _MERGED + 256 * alpha1 + alpha2.astype(jnp.int32)
+  alpha1 = jnp.where(in_source, ex["alpha"][_first_pixel(ex, rows, cols)], 0
+                     ).astype(jnp.int32)
+  alpha2 = jnp.where(in_source, ex["alpha2"][_second_pixel(ex, rows, cols)], 0)
+  merged_code = _merged_codes(True, alpha1, alpha2.astype(jnp.int32))
   merge = merge_drawn & jnp.any(in_source & ~_definite(merged_code)[0])  # any value < 1
   source_code = jnp.where(merge, merged_code, alpha1)
 
-  # 2-4. Resize, affine and flip: OpenCV's fixed-point warp onto the source.
-  def source_of(grid_rows, grid_cols):
-    """(valid, source row, source col) of trimap-grid positions (broadcasting)."""
-    shift = protocol.WARP_BITS
-    src_x = (ex["warp_row_x"][grid_rows] + ex["warp_col_x"][grid_cols]) >> shift
-    src_y = (ex["warp_row_y"][grid_rows] + ex["warp_col_y"][grid_cols]) >> shift
-    valid = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-    source_rows = ex["to_source_rows"][jnp.clip(src_y, 0, canvas_height - 1)]
-    source_cols = ex["to_source_cols"][jnp.clip(src_x, 0, canvas_width - 1)]
-    return valid, source_rows, source_cols
-
-  valid, source_rows, source_cols = source_of(rows, cols)
-  # Pixels the warp brings in from outside are alpha 0 (code 0).
+  # 2-4. Resize, affine and flip; pixels the warp brings in from outside are alpha 0.
+  valid, source_rows, source_cols = _source_of(ex, rows, cols)
   grid_code = jnp.where(valid, source_code[source_rows, source_cols], 0)
-
-  # 5. The trimap.
-  in_grid = (rows < height) & (cols < width)
-  runs = ex["kernel_runs"]
+  in_grid = (rows < ex["sizes"][2]) & (cols < ex["sizes"][3])
   definite_fg, definite_bg = _definite(grid_code)
-  fg_eroded = _erode(definite_fg, in_grid, runs[0], runs[1])
-  bg_eroded = _erode(definite_bg, in_grid, runs[2], runs[3])
-  trimap = jnp.where(bg_eroded, jnp.uint8(0),
-                     jnp.where(fg_eroded, jnp.uint8(255), jnp.uint8(128)))
-  unknown = (trimap == 128) & in_grid
+  return {"merge": merge, "bad_fg": _pack_columns(in_grid & ~definite_fg),
+          "bad_bg": _pack_columns(in_grid & ~definite_bg)}
 
-  # 6. The crop: centred on a random interior unknown pixel of the enlarged grid.
+
+def _crop_one(ex: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Array,
+              hits_bg: jax.Array, value_table: jax.Array, crop_size: int
+              ) -> dict[str, jax.Array]:
+  """Steps 5-6 of one example, given its erosions (`_hits`): the crop's position, its
+  alpha, trimap and (merged) foreground."""
+  rows, cols = _canvas_positions(ex)
+  canvas_height = rows.shape[0]
+  grid_height, grid_width = ex["sizes"][4], ex["sizes"][5]
+
+  # 5. The trimap: unknown where both definite regions were eroded away.
+  in_grid = (rows < ex["sizes"][2]) & (cols < ex["sizes"][3])
+  unknown = _unpack_columns(hits_fg & hits_bg) & in_grid
+
+  # 6. The crop: centred on a random interior unknown pixel of the enlarged grid, the
+  # pick-th candidate in row-major order. The enlarged grid repeats rows and columns of
+  # the trimap's (nearest neighbour), so a row's count of candidates weighs each trimap
+  # column by its interior copies (`candidate_columns`), and only the chosen row is
+  # enlarged to find the column.
   margin = crop_size // 2
-  enlarged_unknown = unknown[ex["enlarged_rows"][:, None], ex["enlarged_cols"][None, :]]
-  interior = ((rows >= margin) & (rows < grid_height - margin)
-              & (cols >= margin) & (cols < grid_width - margin))
-  candidates = enlarged_unknown & interior
-  # The pick-th candidate in row-major order: its row from the rows' running counts, then
-  # its column within that row (two short scans instead of one over every pixel).
-  per_row = jnp.sum(candidates, axis=1, dtype=jnp.int32)
+  enlarged_rows, enlarged_cols = ex["enlarged_rows"], ex["enlarged_cols"]
+  steps = jnp.arange(canvas_height, dtype=jnp.int32)
+  interior_rows = (steps >= margin) & (steps < grid_height - margin)
+  per_trimap_row = jnp.sum(jnp.where(unknown, ex["candidate_columns"][None, :], 0), axis=1,
+                           dtype=jnp.int32)
+  per_row = jnp.where(interior_rows, per_trimap_row[enlarged_rows], 0)
   row_running = jnp.cumsum(per_row)
   num_candidates = row_running[-1]
   pick_draw, top_draw, left_draw = ex["draws"]
@@ -437,8 +530,10 @@ def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: in
   rank = pick.astype(jnp.int32) + 1
   chosen_row = jnp.minimum(jnp.searchsorted(row_running, rank), canvas_height - 1)
   rank_in_row = rank - (row_running[chosen_row] - per_row[chosen_row])
-  chosen_col = jnp.searchsorted(jnp.cumsum(candidates[chosen_row], dtype=jnp.int32),
-                                rank_in_row)
+  columns = jnp.arange(enlarged_cols.shape[0], dtype=jnp.int32)
+  in_chosen_row = (unknown[enlarged_rows[chosen_row], enlarged_cols]
+                   & (columns >= margin) & (columns < grid_width - margin))
+  chosen_col = jnp.searchsorted(jnp.cumsum(in_chosen_row, dtype=jnp.int32), rank_in_row)
   centred = num_candidates >= protocol.MIN_UNKNOWN_FOR_CENTRED_CROP
   top = jnp.where(centred, chosen_row - margin,
                   (top_draw % (grid_height - crop_size + 1).astype(jnp.uint32)
@@ -448,66 +543,133 @@ def _compose_one(ex: dict[str, jax.Array], value_table: jax.Array, crop_size: in
                     ).astype(jnp.int32))
   has_unknown = jnp.any(unknown)
   steps = jnp.arange(crop_size, dtype=jnp.int32)
-  crop_rows = ex["enlarged_rows"][jnp.where(has_unknown, top + steps, ex["whole_rows"])]
-  crop_cols = ex["enlarged_cols"][jnp.where(has_unknown, left + steps, ex["whole_cols"])]
+  crop_rows = enlarged_rows[jnp.where(has_unknown, top + steps, ex["whole_rows"])]
+  crop_cols = enlarged_cols[jnp.where(has_unknown, left + steps, ex["whole_cols"])]
   crop_rows, crop_cols = crop_rows[:, None], crop_cols[None, :]
-  alpha_crop = value_table[grid_code[crop_rows, crop_cols]]
-  trimap_crop = trimap[crop_rows, crop_cols]
+  trimap_crop = jnp.where(_bit(hits_bg, crop_rows, crop_cols),
+                          jnp.where(_bit(hits_fg, crop_rows, crop_cols),
+                                    jnp.uint8(128), jnp.uint8(255)), jnp.uint8(0))
 
-  # The foreground at the crop's pixels only, merged there.
-  inside, fg_rows, fg_cols = source_of(crop_rows, crop_cols)
-  fg = jnp.where(inside[..., None], ex["fg"][first_pixel(fg_rows, fg_cols)],
-                 0).astype(jnp.float32)
-  second = second_pixel(fg_rows, fg_cols)
-  code1 = jnp.where(inside, alpha1[fg_rows, fg_cols], 0)
+  # The alpha and the foreground at the crop's pixels only, merged there.
+  inside, fg_rows, fg_cols = _source_of(ex, crop_rows, crop_cols)
+  second = _second_pixel(ex, fg_rows, fg_cols)
+  first = _first_pixel(ex, fg_rows, fg_cols)
+  code1 = jnp.where(inside, ex["alpha"][first].astype(jnp.int32), 0)
   code2 = jnp.where(inside, ex["alpha2"][second].astype(jnp.int32), 0)
+  alpha_crop = value_table[_merged_codes(merge, code1, code2)]
+  fg = jnp.where(inside[..., None], ex["fg"][first], 0).astype(jnp.float32)
   a1, a2 = value_table[code1][..., None], value_table[code2][..., None]
-  merged_alpha = value_table[_MERGED + 256 * code1 + code2][..., None]
+  merged_alpha = value_table[_merged_codes(True, code1, code2)][..., None]
   f2 = jnp.where(inside[..., None], ex["fg2"][second], 0).astype(jnp.float32)
   fg = jnp.where(merge, jnp.floor((fg * a1 + f2 * (1.0 - a1) * a2) / (merged_alpha + 1e-5)),
                  fg)
+  return {"fg": fg, "alpha": alpha_crop, "trimap": trimap_crop[..., None],
+          "decisions": {"merge": merge, "top": top, "left": left, "pick": pick,
+                        "centred": centred, "has_unknown": has_unknown}}
 
-  # The background: a crop of the enlarged background, or all of it resized to the crop.
+
+def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
+                    crop_size: int, window: int | None) -> jax.Array:
+  """Step 7's background of one example: a crop of the enlarged background, or (where
+  nothing is unknown) all of it resized to the crop; (crop, crop, 3) float32 in [0, 1].
+
+  `window`: None, or a side that holds every tap of the crop (only where every example
+  crops): the taps then read a window of the background instead of whole rows.
+  """
+  has_unknown, top, left = (decisions["has_unknown"], decisions["top"], decisions["left"])
   scales = ex["bg_scales"]
   scale_y = jnp.where(has_unknown, scales[0], scales[2])
   scale_x = jnp.where(has_unknown, scales[1], scales[3])
   offset_y = jnp.where(has_unknown, top, 0).astype(jnp.float32)
   offset_x = jnp.where(has_unknown, left, 0).astype(jnp.float32)
-  tap_rows, row_weights = _cubic_taps(crop_size, offset_y, scale_y, bg_height0)
-  tap_cols, col_weights = _cubic_taps(crop_size, offset_x, scale_x, bg_width0)
-  background = ex["background"].astype(jnp.float32)
+  tap_rows, row_weights = _cubic_taps(crop_size, offset_y, scale_y, ex["sizes"][6])
+  tap_cols, col_weights = _cubic_taps(crop_size, offset_x, scale_x, ex["sizes"][7])
+  background = ex["background"]
+  if window is not None:
+    # Taps increase with the output index; the slice's start is moved back where the
+    # window would leave the canvas, and the taps are read relative to it.
+    sides = tuple(min(window, side) for side in background.shape[:2])
+    start_row = jnp.minimum(tap_rows[0, 0], background.shape[0] - sides[0])
+    start_col = jnp.minimum(tap_cols[0, 0], background.shape[1] - sides[1])
+    background = jax.lax.dynamic_slice(background, (start_row, start_col, 0),
+                                       sides + background.shape[2:])
+    tap_rows, tap_cols = tap_rows - start_row, tap_cols - start_col
+  background = background.astype(jnp.float32)
   by_rows = jnp.einsum("ot,otwc->owc", row_weights, background[tap_rows])
   bg = jnp.einsum("pt,optc->opc", col_weights, by_rows[:, tap_cols])
   # 8-bit values: divided by 255 through the table (XLA turns x / 255 into x * (1 / 255),
   # which is not always the reference's correctly rounded quotient).
-  bg = value_table[jnp.clip(jnp.round(bg), 0.0, 255.0).astype(jnp.int32)]
+  return jnp.asarray(_alpha_values())[jnp.clip(jnp.round(bg), 0.0, 255.0).astype(jnp.int32)]
 
-  # 7. HSV jitter (not of a crop without foreground), 8. the composite.
+
+def _finish_one(ex: dict[str, jax.Array], crop: dict[str, jax.Array], bg: jax.Array,
+                value_table: jax.Array) -> dict[str, jax.Array]:
+  """Steps 7-8 of one example: the HSV jitter (not of a crop without foreground) and the
+  composite."""
+  fg, alpha_crop = crop["fg"], crop["alpha"]
+  scales = ex["bg_scales"]
   jitter = jnp.any(alpha_crop != 0.0)
-  jittered = jnp.clip(_hsv_jitter(fg, alpha_crop, hue_degrees, scales[4], scales[5]),
+  jittered = jnp.clip(_hsv_jitter(fg, alpha_crop, ex["flags"][1], scales[4], scales[5]),
                       0.0, 255.0) / 255.0
   fg = jnp.where(jitter, jittered, value_table[fg.astype(jnp.int32)])
   alpha_crop = jnp.clip(alpha_crop, 0.0, 1.0)[..., None]
   return {"image": fg * alpha_crop + bg * (1.0 - alpha_crop), "fg": fg, "bg": bg,
-          "alpha": alpha_crop, "trimap": trimap_crop[..., None],
-          "decisions": {"merge": merge, "top": top, "left": left, "pick": pick,
-                        "centred": centred, "has_unknown": has_unknown,
-                        "jitter": jitter}}
+          "alpha": alpha_crop, "trimap": crop["trimap"],
+          "decisions": dict(crop["decisions"], jitter=jitter)}
 
 
-@functools.partial(jax.jit, static_argnames=("crop_size",))
-def _compose(batch, crop_size):
+def _compose_examples(batch, crop_size):
   # The table is a constant of the compiled executor, not an argument sent every batch.
   value_table = jnp.asarray(_alpha_values())
-  return jax.vmap(lambda ex: _compose_one(ex, value_table, crop_size))(batch)
+  grid = jax.vmap(_grid_codes)(batch)
+  columns = batch["kernel_columns"]
+  # Both erosions in one loop over the examples. The barriers keep XLA from fusing the
+  # packing into each of the erosion's 58 reads of its levels (it would repeat it).
+  hits = jax.lax.optimization_barrier(_hits(
+      jax.lax.optimization_barrier(jnp.concatenate([grid["bad_fg"], grid["bad_bg"]])),
+      jnp.concatenate([columns[:, 0], columns[:, 2]]),
+      jnp.concatenate([columns[:, 1], columns[:, 3]])))
+  hits_fg, hits_bg = jnp.split(hits, 2)
+  crops = jax.vmap(lambda ex, merge, fg, bg: _crop_one(ex, merge, fg, bg, value_table,
+                                                       crop_size)
+                   )(batch, grid["merge"], hits_fg, hits_bg)
+
+  def backgrounds(window):
+    return jax.vmap(lambda ex, d: _background_one(ex, d, crop_size, window)
+                    )(batch, crops["decisions"])
+
+  # Where every example crops (nearly always), the taps of a crop of the enlarged
+  # background (never shrunk) span at most crop + 5 rows and columns.
+  bg = jax.lax.cond(jnp.all(crops["decisions"]["has_unknown"]),
+                    lambda: backgrounds(crop_size + 8), lambda: backgrounds(None))
+  return jax.vmap(lambda ex, crop, b: _finish_one(ex, crop, b, value_table)
+                  )(batch, crops, bg)
 
 
-def compose_batch(batch: dict[str, Any], crop_size: int) -> dict[str, Any]:
+_compose = jax.jit(_compose_examples, static_argnames=("crop_size",))
+
+
+@functools.lru_cache(maxsize=None)
+def _split_compose(sharding: jax.sharding.NamedSharding, crop_size: int):
+  return jax.jit(jax.shard_map(functools.partial(_compose_examples, crop_size=crop_size),
+                               mesh=sharding.mesh, in_specs=sharding.spec,
+                               out_specs=sharding.spec))
+
+
+def compose_batch(batch: dict[str, Any], crop_size: int,
+                  sharding: jax.sharding.NamedSharding | None = None) -> dict[str, Any]:
   """Composites a `collate`d batch where it lies (host arrays: on the default device).
+
+  `sharding`: how the batch lies split along its first axis over several devices (as
+  `JaxStream.batches` puts it); each device then composites its own examples. (Left to
+  XLA's partitioner, the loop over the examples and the batch-wide background choice
+  would gather every example onto every device.)
 
   Returns:
     `image`, `fg`, `bg` float32 (B, crop, crop, 3) in [0, 1]; `alpha` float32
     (B, crop, crop, 1); `trimap` uint8 (B, crop, crop, 1) in {0, 128, 255}; and
     `decisions`, the data-dependent ones (merge, crop corner, ...) per example.
   """
-  return _compose(batch, crop_size)
+  if sharding is None or len(sharding.device_set) == 1:
+    return _compose(batch, crop_size)
+  return _split_compose(sharding, crop_size)(batch)

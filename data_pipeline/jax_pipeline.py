@@ -252,6 +252,8 @@ class JaxStream:
     for host_batch in self.host_batches():
       if sharding is not None:
         host_batch = jax.device_put(host_batch, sharding)
-      composited = jax_composition.compose_batch(host_batch, self.crop_size)
+      composited = jax_composition.compose_batch(
+          host_batch, self.crop_size,
+          sharding if isinstance(sharding, jax.sharding.NamedSharding) else None)
       composited.pop("decisions")
       yield composited

@@ -6,10 +6,12 @@ data_pipeline/jax_composition.py's docstring states and explains.
 
 import pathlib
 
+import chex
+import jax
 import numpy as np
 import pytest
 
-from data_pipeline import jax_composition, protocol, synthetic
+from data_pipeline import jax_composition, jax_pipeline, protocol, synthetic
 
 tf = pytest.importorskip("tensorflow")
 from data_pipeline import composition  # noqa: E402  (needs TensorFlow)
@@ -73,6 +75,10 @@ def _check(references, output):
                 if taken[k])
     if taken["has_unknown"] and not taken["centred"]:
       seen.add("uniform_crop")
+  # The background reads a window where every example of the batch crops, whole rows
+  # otherwise.
+  every_crop = all(taken["has_unknown"] for _, taken in references)
+  seen.add("windowed_background" if every_crop else "whole_background")
   return seen
 
 
@@ -84,7 +90,8 @@ def test_equals_the_tf_reference_on_synthetic_images():
   seen = _check(*_both(foregrounds, alphas, backgrounds, crop=64, indices=range(16)))
   # Crop 160 exceeds every foreground: the enlargement path.
   seen |= _check(*_both(foregrounds, alphas, backgrounds, crop=160, indices=range(6)))
-  assert {"merge", "resize", "hflip", "centred", "has_unknown", "jitter"} <= seen
+  assert {"merge", "resize", "hflip", "centred", "has_unknown", "jitter",
+          "windowed_background", "whole_background"} <= seen
 
 
 @pytest.mark.skipif(not _PHOTOS.is_dir(), reason=f"needs the shared photographs in {_PHOTOS}")
@@ -97,6 +104,33 @@ def test_equals_the_tf_reference_on_the_shipped_photos():
             for p in paths]
   seen = _check(*_both(foregrounds, alphas, foregrounds, crop=320, indices=range(8)))
   assert {"merge", "centred"} <= seen
+
+
+def test_packed_erosion_is_opencvs_for_every_kernel_size():
+  from data_pipeline import trimaps
+  sizes = np.arange(1, protocol.MAX_KERNEL_SIZE + 1)
+  rng = np.random.default_rng(3)
+  height, width, canvas = 45, 77, (64, 128)  # the image inside a larger canvas
+  # Sparse holes and a few larger blobs, so every kernel size erodes something and keeps
+  # something; definite pixels outside the image must not matter.
+  definite = rng.random((sizes.size, *canvas)) > 0.004
+  for example in definite:
+    for _ in range(2):
+      row, col = rng.integers(0, height), rng.integers(0, width)
+      example[row:row + 4, col:col + 9] = False
+  inside = np.zeros(canvas, bool)
+  inside[:height, :width] = True
+  columns = np.stack([np.stack(jax_composition._kernel_columns(k)) for k in sizes])
+  bad = jax.vmap(jax_composition._pack_columns)(inside & ~definite)
+  # The CPU's loop over the examples and the accelerators' vmapped form.
+  for hits in (jax_composition._looped_hits, jax_composition._vectorised_hits):
+    eroded = ~np.asarray(jax.vmap(jax_composition._unpack_columns)(
+        hits(bad, columns[:, 0], columns[:, 1])))
+    for k, example, out in zip(sizes, definite, eroded):
+      expected = trimaps.erode(example[:height, :width], int(k)).astype(bool)
+      np.testing.assert_array_equal(out[:height, :width], expected,
+                                    err_msg=f"{hits.__name__}, kernel {k}")
+      assert 0 < expected.sum() < height * width
 
 
 def test_canvas_sides_bound_the_compilations():
@@ -124,6 +158,25 @@ def test_canvas_sides_bound_the_compilations():
   jax_composition.compose_batch(second, 64)
   # Other images of the same canvas reuse the compiled executor.
   assert jax_composition._compose._cache_size() == before + 1
+
+
+def test_a_split_batch_is_composited_on_each_device_without_collectives():
+  if jax.device_count() < 2:
+    pytest.skip("needs several (fake) devices; conftest sets XLA_FLAGS for 4")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+  source = jax_pipeline.synthetic_source(4, 4, 90, 150)
+  stream = jax_pipeline.JaxStream(source, batch_size=2 * jax.device_count(), crop_size=64,
+                                  num_threads=1)
+  host_batch = next(stream.host_batches())
+  placed = jax.device_put(host_batch, split)
+  compiled = jax_composition._split_compose(split, 64).lower(placed).compile().as_text()
+  for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    assert collective not in compiled
+  output = jax_composition.compose_batch(placed, 64, split)
+  assert output["image"].sharding == split
+  chex.assert_trees_all_equal(jax.device_get(output),
+                              jax.device_get(jax_composition.compose_batch(host_batch, 64)))
 
 
 # ------------------------------------------------------------------ the stream
