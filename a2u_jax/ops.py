@@ -33,7 +33,7 @@ Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps 
 two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a
 transposed reassembly (a fused sum of shifted windows of the cotangent times the kernels);
 the kernel cotangent contracts the cotangent with shifted feature windows over channels,
-one batched matrix product per tap row (see `tap_row_products`).
+as matrix products of tiles of output columns (see `tile_products`).
 
 Inputs may be float16, bfloat16, float32 or float64; low-precision inputs are accumulated
 in float32 and the result is cast back to the inputs' common dtype.
@@ -169,12 +169,20 @@ def _taps(k: int):
 # intermediate is larger than the op's own inputs and outputs.
 #
 # The kernel cotangent is, per output pixel and tap, a dot product over channels of a
-# shifted feature window with the cotangent: a batched matrix product of the stacked
-# windows (taps x channels) with the cotangent (channels). A scan over tap rows makes one
-# product per row, so the stacked windows of only one row exist at a time (K/4 times the
-# features for down, K/4 times the output for up), and the products are fusion
-# boundaries: the cotangent is computed once however many taps read it (XLA:CPU otherwise
-# fuses its producer into every tap's reduction).
+# shifted feature window with the cotangent. XLA:CPU reduces over the minor (channel) axis
+# one element at a time, and runs per-pixel batched products (taps x channels by channels)
+# at well under 1 GFLOP/s, so `tile_products` computes it as matrix products of output
+# tiles: every window position that a tile's taps read, by the tile's cotangents, of
+# which the products of a pixel with its own taps' positions are kept. That computes
+# (tile + K - 1) / K times the useful products per tiled axis, at matrix-product speed;
+# the products are fusion boundaries, so the cotangent is computed once however many taps
+# read it (XLA:CPU otherwise fuses its producer into every tap's reduction).
+
+# Output columns per tile. Up tiles are one row (its four output phases already share the
+# windows: 32 cotangents per product); down tiles are DOWN_ROW_TILE rows, for as many
+# cotangents per product (one row: 2.5-3x slower on 2 CPU cores, measured at 512x512).
+TILE = 8
+DOWN_ROW_TILE = 4
 
 
 def phase_split(x: jax.Array, stride: int) -> tuple[jax.Array, int, int]:
@@ -210,6 +218,80 @@ def tap_row_products(rows: jax.Array, ct: jax.Array, spec: str, row_starts: list
   return jnp.moveaxis(grads, 0, -2)
 
 
+def _runs(starts: list[int]) -> list[tuple[int, int]]:
+  """Sorted distinct `starts` as runs of consecutive values: [(first, length)]."""
+  runs: list[tuple[int, int]] = []
+  for value in sorted(set(starts)):
+    if runs and sum(runs[-1]) == value:
+      runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+    else:
+      runs.append((value, 1))
+  return runs
+
+
+def _tile_windows(x: jax.Array, first: int, length: int, tile: int, tiles: int,
+                  axis: int) -> jax.Array:
+  """Splits `axis` into (tiles, tile + length - 1): tile q's positions q*tile + first + v,
+  built from tile-wide reshapes of shifted slices (no gather)."""
+  span, parts = tile + length - 1, []
+  for v in range(0, span, tile):
+    part = lax.slice_in_dim(x, first + v, first + v + tiles * tile, axis=axis)
+    part = part.reshape(part.shape[:axis] + (tiles, tile) + part.shape[axis + 1:])
+    parts.append(lax.slice_in_dim(part, 0, min(tile, span - v), axis=axis + 1))
+  return jnp.concatenate(parts, axis=axis + 1)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, max(0, size - x.shape[axis]))
+  return jnp.pad(x, pads)
+
+
+def tile_products(rows: jax.Array, ct: jax.Array, row_starts: list[int],
+                  col_starts: list[int], row_tile: int = 1) -> jax.Array:
+  """out[n, y, i, x, j, g, ky, kx] = sum_c rows[n, row_starts[ky] + y, col_starts[kx] + x,
+  g, c] * ct[n, y, i, x, j, g, c].
+
+  rows (N, R, C', G, Cg) holds every tap's (h, w) unit-stride window; ct (N, h, P, w, Q,
+  G, Cg) with P x Q output phases that read the same windows -> (N, h, P, w, Q, G, K, K).
+  Output tiles are `row_tile` rows by TILE columns; one matrix product per tile and run
+  of consecutive row starts.
+  """
+  n, h, p, w, q, g, c = ct.shape
+  col_runs = _runs(col_starts)
+  col_offsets = [first + v for first, length in col_runs for v in range(TILE + length - 1)]
+  row_tiles, col_tiles = -(-h // row_tile), -(-w // TILE)
+  # Whole tiles, and room for the last shifted slice of `_tile_windows`.
+  rows = _pad_to(rows, 1, (row_tiles + 1) * row_tile + max(row_starts))
+  rows = _pad_to(rows, 2, (col_tiles + 1) * TILE + max(col_starts))
+  ct = _pad_to(_pad_to(ct, 1, row_tiles * row_tile), 3, col_tiles * TILE)
+  ct = ct.reshape(n, row_tiles, row_tile, p, col_tiles, TILE, q, g, c)
+  columns = jnp.concatenate([_tile_windows(rows, first, length, TILE, col_tiles, 2)
+                             for first, length in col_runs], axis=3)
+  parts, order = [], []
+  for first, length in _runs(row_starts):
+    # (N, row tiles, row_tile + length - 1, col tiles, U, G, Cg)
+    windows = _tile_windows(columns, first, length, row_tile, row_tiles, 1)
+    prod = jnp.einsum("nYuqvgc,nYriqxjgc->nYiqjgrxuv", windows, ct,
+                      precision=lax.Precision.HIGHEST)
+    taps = [ky for ky in range(len(row_starts)) if first <= row_starts[ky] < first + length]
+    # The product of output pixel (r, x) with the window of its tap (ky, kx).
+    pick = np.array([[[[((r * TILE + x) * windows.shape[2] + row_starts[ky] - first + r)
+                        * len(col_offsets) + col_offsets.index(s + x)
+                        for s in col_starts] for ky in taps]
+                      for x in range(TILE)] for r in range(row_tile)])
+    prod = prod.reshape(prod.shape[:6] + (-1,))
+    parts.append(jnp.take(prod, jnp.asarray(pick.reshape(-1), jnp.int32), axis=-1)
+                 .reshape(prod.shape[:6] + pick.shape))
+    order += taps
+  out = jnp.concatenate(parts, axis=-2)       # (N, Y, P, q, Q, G, r, x, taps, K)
+  out = jnp.take(out, jnp.asarray(np.argsort(order), jnp.int32), axis=-2)
+  out = jnp.transpose(out, (0, 1, 6, 2, 3, 7, 4, 5, 8, 9))
+  out = out.reshape(n, row_tiles * row_tile, p, col_tiles * TILE, q, g, len(row_starts),
+                    len(col_starts))
+  return out[:, :h, :, :w]
+
+
 def _up_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
   """f (N, h, w, G, Cg), m (N, 2h, 2w, G, T) -> out (N, 2h, 2w, G, Cg)."""
   n, h, w, g, cg = f.shape
@@ -224,12 +306,11 @@ def _up_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
 
 def _up_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
   """d out / d m contracted with ct (N, 2h, 2w, G, Cg) -> (N, 2h, 2w, G, T)."""
-  del read  # Unit-stride windows of one tap row are slices under both implementations.
+  del read  # Unit-stride windows are slices under both implementations.
   n, h, w, g, cg = f.shape
-  # Both output phases (i, j) of a coarse pixel read the same windows: one product per
-  # coarse pixel of (taps x Cg) windows with the (Cg x 2 x 2) cotangent.
-  grad = tap_row_products(_pad_hw(f, (k - 1) // 2), ct.reshape(n, h, 2, w, 2, g, cg),
-                          "nyxgtc,nyixjgc->nyixjgt", list(range(k)), list(range(k)), (h, w))
+  # Both output phases (i, j) of a coarse pixel read the same windows.
+  grad = tile_products(_pad_hw(f, (k - 1) // 2), ct.reshape(n, h, 2, w, 2, g, cg),
+                       list(range(k)), list(range(k)))
   return grad.reshape(n, 2 * h, 2 * w, g, k * k)
 
 
@@ -260,11 +341,12 @@ def _down_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.
   """ct (N, H/2, W/2, G, Cg) -> (N, H/2, W/2, G, T)."""
   del read
   n, h, w, g, cg = ct.shape
-  # Tap (ky, kx) reads the stride-2 window at (ky, kx) of the padded features.
+  # Tap (ky, kx) reads the stride-2 window at (ky, kx) of the padded features: the
+  # unit-stride window at (ky // 2, kx // 2) of their phase (ky % 2, kx % 2).
   rows, hp, wp = phase_split(_pad_hw(f, (k - 2) // 2), 2)
-  grad = tap_row_products(rows, ct, "nyxgtc,nyxgc->nyxgt",
-                          [(ky % 2) * hp + ky // 2 for ky in range(k)],
-                          [(kx % 2) * wp + kx // 2 for kx in range(k)], (h, w))
+  grad = tile_products(rows, ct.reshape(n, h, 1, w, 1, g, cg),
+                       [(ky % 2) * hp + ky // 2 for ky in range(k)],
+                       [(kx % 2) * wp + kx // 2 for kx in range(k)], DOWN_ROW_TILE)
   return grad.reshape(n, h, w, g, k * k)
 
 

@@ -3,7 +3,8 @@
     python benchmarks/reassembly.py [--repeats 5] [--quick]
 
 For each case prints forward and forward+backward wall time (best of --repeats, after a
-warm-up/compile call) for every implementation in `a2u_jax.ops`, for the PyTorch
+warm-up/compile call) for every implementation in `a2u_jax.ops` (the Pallas kernels on
+GPUs only: elsewhere they run in Pallas' interpret mode, minutes per case), for the PyTorch
 `F.unfold` formulation (CARAFE's usual CPU fallback; "skipped" when torch is missing), and
 for the memory floor of the same data movement in JAX (nearest 2x upsampling for up,
 2x2 average pooling for down). Memory columns come from XLA's analysis of the compiled
@@ -79,13 +80,19 @@ def _inputs(case: Case, seed: int = 0):
   return features, kernels, cotangent
 
 
+def measured_implementations() -> tuple[str, ...]:
+  """The implementations worth timing on the default backend."""
+  return tuple(i for i in ops.IMPLEMENTATIONS
+               if i != "pallas" or jax.default_backend() == "gpu")
+
+
 def jax_rows(case: Case, repeats: int,
-             implementations: tuple[str, ...] = ops.IMPLEMENTATIONS) -> list[dict]:
+             implementations: tuple[str, ...] | None = None) -> list[dict]:
   features, kernels, cotangent = (jnp.asarray(a) for a in _inputs(case))
   op = ops.reassemble_up if case.direction == "up" else ops.reassemble_down
   io_bytes = 4 * (2 * features.size + 2 * kernels.size + 2 * cotangent.size)
   rows = []
-  for implementation in implementations:
+  for implementation in implementations or measured_implementations():
     fn = functools.partial(op, kernel_size=case.kernel_size, implementation=implementation)
 
     def forward_backward(f, m, ct, fn=fn):
