@@ -294,11 +294,10 @@ def collate(plans: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def _pack_columns(mask: jax.Array) -> jax.Array:
-  """(H, W) bool -> (H, W / 32) uint32: bit b of word j is column 32 j + b."""
-  height, width = mask.shape
-  bits = (mask.reshape(height, width // _WORD_BITS, _WORD_BITS).astype(jnp.uint32)
-          << jnp.arange(_WORD_BITS, dtype=jnp.uint32))
-  return jnp.sum(bits, axis=2, dtype=jnp.uint32)  # distinct bits: the sum is their OR
+  """(..., W) bool -> (..., W / 32) uint32: bit b of word j is column 32 j + b."""
+  bits = (mask.reshape(mask.shape[:-1] + (mask.shape[-1] // _WORD_BITS, _WORD_BITS)
+                       ).astype(jnp.uint32) << jnp.arange(_WORD_BITS, dtype=jnp.uint32))
+  return jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is their OR
 
 
 def _unpack_columns(words: jax.Array) -> jax.Array:
@@ -370,12 +369,6 @@ def _vectorised_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Arra
   return jax.vmap(_example_hits)(bad, up, down)
 
 
-def _bit(words: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-  """The bits of packed (H, W / 32) words at (broadcasting) pixel positions, as bool."""
-  return ((words[rows, cols // _WORD_BITS] >> (cols % _WORD_BITS).astype(jnp.uint32)) & 1
-          ).astype(bool)
-
-
 def _keys_cubic(x: jax.Array) -> jax.Array:
   """Keys' cubic kernel with a = -0.5 (TF's "keyscubic")."""
   x = jnp.abs(x)
@@ -437,78 +430,102 @@ def _hsv_jitter(fg: jax.Array, alpha: jax.Array, hue_degrees, saturation_draw,
   return _hsv_to_rgb(jnp.where(is_hue, wrapped, reflected)) * 255.0
 
 
-def _canvas_positions(ex: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """(rows (H, 1), columns (1, W)) of the example's canvas, int32."""
-  canvas_height, canvas_width = ex["warp_row_x"].shape[0], ex["warp_col_x"].shape[0]
-  return (jnp.arange(canvas_height, dtype=jnp.int32)[:, None],
-          jnp.arange(canvas_width, dtype=jnp.int32)[None, :])
-
-
-def _first_pixel(ex, source_rows, source_cols):
-  """Flat index into fg and alpha."""
-  return source_rows * ex["sizes"][1] + source_cols
-
-
-def _second_pixel(ex, source_rows, source_cols):
-  """Flat index into fg2 and alpha2, through their resize map."""
-  return ex["second_rows"][source_rows] * ex["sizes"][9] + ex["second_cols"][source_cols]
-
-
-def _source_of(ex, grid_rows, grid_cols):
-  """(valid, source row, source col) of trimap-grid positions (broadcasting): OpenCV's
-  fixed-point warp (resize, affine and flip) onto the source."""
-  height, width = ex["sizes"][2], ex["sizes"][3]
-  canvas_height, canvas_width = ex["warp_row_x"].shape[0], ex["warp_col_x"].shape[0]
-  shift = protocol.WARP_BITS
-  src_x = (ex["warp_row_x"][grid_rows] + ex["warp_col_x"][grid_cols]) >> shift
-  src_y = (ex["warp_row_y"][grid_rows] + ex["warp_col_y"][grid_cols]) >> shift
-  valid = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-  source_rows = ex["to_source_rows"][jnp.clip(src_y, 0, canvas_height - 1)]
-  source_cols = ex["to_source_cols"][jnp.clip(src_x, 0, canvas_width - 1)]
-  return valid, source_rows, source_cols
-
-
 def _merged_codes(merge, code1, code2):
   """The alpha codes of a pixel of the first and the second foreground after the merge."""
   return jnp.where(merge, _MERGED + 256 * code1 + code2, code1)
 
 
-def _grid_codes(ex: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Steps 1-4 of one example: whether the merge happens, and the pixels of the trimap
-  grid that erode the definite foreground and background (packed, `_hits`' input)."""
-  rows, cols = _canvas_positions(ex)
-  height0, width0 = ex["sizes"][0], ex["sizes"][1]
-  merge_drawn = ex["flags"][0] > 0
+def _take(values: jax.Array, index: jax.Array) -> jax.Array:
+  """values[b, index[b, ...]] for values (B, N, ...) and an int32 index (B, ...): one
+  gather from the flattened batch (vmapped indexing builds a (B, ..., 2) index array
+  for each gather, which costs more than the gather on CPU)."""
+  size, length = values.shape[:2]
+  if size * length >= 2**31:
+    return jax.vmap(lambda v, i: v[i])(values, index)
+  offsets = (jnp.arange(size, dtype=jnp.int32) * length).reshape(
+      (size,) + (1,) * (index.ndim - 1))
+  return values.reshape((size * length,) + values.shape[2:])[index + offsets]
 
-  # 1. The merge, as alpha codes on the first foreground's grid.
-  in_source = (rows < height0) & (cols < width0)
-  alpha1 = jnp.where(in_source, ex["alpha"][_first_pixel(ex, rows, cols)], 0
-                     ).astype(jnp.int32)
-  alpha2 = jnp.where(in_source, ex["alpha2"][_second_pixel(ex, rows, cols)], 0)
-  merged_code = _merged_codes(True, alpha1, alpha2.astype(jnp.int32))
-  merge = merge_drawn & jnp.any(in_source & ~_definite(merged_code)[0])  # any value < 1
-  source_code = jnp.where(merge, merged_code, alpha1)
 
-  # 2-4. Resize, affine and flip; pixels the warp brings in from outside are alpha 0.
-  valid, source_rows, source_cols = _source_of(ex, rows, cols)
-  grid_code = jnp.where(valid, source_code[source_rows, source_cols], 0)
-  in_grid = (rows < ex["sizes"][2]) & (cols < ex["sizes"][3])
-  definite_fg, definite_bg = _definite(grid_code)
+def _size(batch: dict[str, jax.Array], which: int) -> jax.Array:
+  """(B, 1, 1) int32: entry `which` of the examples' `sizes`."""
+  return batch["sizes"][:, which, None, None]
+
+
+def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array, grid_rows: jax.Array,
+                   grid_cols: jax.Array) -> dict[str, jax.Array]:
+  """What lies at positions of the trimap grid: OpenCV's fixed-point warp (resize, affine
+  and flip) onto the source, and the alphas there.
+
+  Args:
+    batch: a `collate`d batch.
+    merge: (B,) bool, whether each example merges its two foregrounds.
+    grid_rows, grid_cols: (B, h, 1) and (B, 1, w) int32 positions.
+
+  Returns:
+    (B, h, w) arrays: `valid` (the warp lands on the source; elsewhere alpha 0, code 0),
+    `first` and `second` (flat pixel indices into fg/alpha and fg2/alpha2), `code1` and
+    `code2` (the two alphas' codes, 0 where not valid) and `code` (after the merge).
+  """
+  canvas_height, canvas_width = batch["warp_row_x"].shape[1], batch["warp_col_x"].shape[1]
+  shift = protocol.WARP_BITS
+  src_x = (_take(batch["warp_row_x"], grid_rows)
+           + _take(batch["warp_col_x"], grid_cols)) >> shift
+  src_y = (_take(batch["warp_row_y"], grid_rows)
+           + _take(batch["warp_col_y"], grid_cols)) >> shift
+  valid = ((src_x >= 0) & (src_x < _size(batch, 3)) & (src_y >= 0)
+           & (src_y < _size(batch, 2)))
+  source_rows = _take(batch["to_source_rows"], jnp.clip(src_y, 0, canvas_height - 1))
+  source_cols = _take(batch["to_source_cols"], jnp.clip(src_x, 0, canvas_width - 1))
+  first = source_rows * _size(batch, 1) + source_cols
+  second = (_take(batch["second_rows"], source_rows) * _size(batch, 9)
+            + _take(batch["second_cols"], source_cols))
+  code1 = jnp.where(valid, _take(batch["alpha"], first), 0).astype(jnp.int32)
+  code2 = jnp.where(valid, _take(batch["alpha2"], second), 0).astype(jnp.int32)
+  return {"valid": valid, "first": first, "second": second, "code1": code1,
+          "code2": code2, "code": _merged_codes(merge[:, None, None], code1, code2)}
+
+
+def _grid_codes(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Steps 1-4 of a batch: whether each example merges, and the pixels of its trimap
+  grid that erode the definite foreground and background, (B, H, W / 32) packed
+  (`_hits`' input)."""
+  size, canvas_height = batch["sizes"].shape[0], batch["warp_row_x"].shape[1]
+  canvas_width = batch["warp_col_x"].shape[1]
+  rows = jnp.broadcast_to(jnp.arange(canvas_height, dtype=jnp.int32)[None, :, None],
+                          (size, canvas_height, 1))
+  cols = jnp.broadcast_to(jnp.arange(canvas_width, dtype=jnp.int32)[None, None, :],
+                          (size, 1, canvas_width))
+
+  # 1. The merge happens where drawn and some merged alpha of the source is below 1.
+  in_source = (rows < _size(batch, 0)) & (cols < _size(batch, 1))
+  alpha1 = _take(batch["alpha"], jnp.broadcast_to(rows * _size(batch, 1) + cols,
+                                                  (size, canvas_height, canvas_width)))
+  alpha2 = _take(batch["alpha2"], _take(batch["second_rows"], rows) * _size(batch, 9)
+                 + _take(batch["second_cols"], cols))
+  below_one = ~_definite(_merged_codes(True, alpha1.astype(jnp.int32),
+                                       alpha2.astype(jnp.int32)))[0]
+  merge = (batch["flags"][:, 0] > 0) & jnp.any(in_source & below_one, axis=(1, 2))
+
+  # 2-4. Resize, affine and flip.
+  code = _source_pixels(batch, merge, rows, cols)["code"]
+  in_grid = (rows < _size(batch, 2)) & (cols < _size(batch, 3))
+  definite_fg, definite_bg = _definite(code)
   return {"merge": merge, "bad_fg": _pack_columns(in_grid & ~definite_fg),
           "bad_bg": _pack_columns(in_grid & ~definite_bg)}
 
 
-def _crop_one(ex: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Array,
-              hits_bg: jax.Array, value_table: jax.Array, crop_size: int
-              ) -> dict[str, jax.Array]:
-  """Steps 5-6 of one example, given its erosions (`_hits`): the crop's position, its
-  alpha, trimap and (merged) foreground."""
-  rows, cols = _canvas_positions(ex)
-  canvas_height = rows.shape[0]
+def _crop_position(ex: dict[str, jax.Array], hits_fg: jax.Array, hits_bg: jax.Array,
+                   crop_size: int) -> dict[str, jax.Array]:
+  """Step 5-6's decisions of one example, given its erosions (`_hits`): where the crop
+  lies, and its (crop,) rows and columns of the trimap grid."""
+  canvas_height, canvas_width = ex["warp_row_x"].shape[0], ex["warp_col_x"].shape[0]
+  rows = jnp.arange(canvas_height, dtype=jnp.int32)
+  cols = jnp.arange(canvas_width, dtype=jnp.int32)
   grid_height, grid_width = ex["sizes"][4], ex["sizes"][5]
 
   # 5. The trimap: unknown where both definite regions were eroded away.
-  in_grid = (rows < ex["sizes"][2]) & (cols < ex["sizes"][3])
+  in_grid = (rows[:, None] < ex["sizes"][2]) & (cols[None, :] < ex["sizes"][3])
   unknown = _unpack_columns(hits_fg & hits_bg) & in_grid
 
   # 6. The crop: centred on a random interior unknown pixel of the enlarged grid, the
@@ -518,8 +535,7 @@ def _crop_one(ex: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Array,
   # enlarged to find the column.
   margin = crop_size // 2
   enlarged_rows, enlarged_cols = ex["enlarged_rows"], ex["enlarged_cols"]
-  steps = jnp.arange(canvas_height, dtype=jnp.int32)
-  interior_rows = (steps >= margin) & (steps < grid_height - margin)
+  interior_rows = (rows >= margin) & (rows < grid_height - margin)
   per_trimap_row = jnp.sum(jnp.where(unknown, ex["candidate_columns"][None, :], 0), axis=1,
                            dtype=jnp.int32)
   per_row = jnp.where(interior_rows, per_trimap_row[enlarged_rows], 0)
@@ -530,9 +546,8 @@ def _crop_one(ex: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Array,
   rank = pick.astype(jnp.int32) + 1
   chosen_row = jnp.minimum(jnp.searchsorted(row_running, rank), canvas_height - 1)
   rank_in_row = rank - (row_running[chosen_row] - per_row[chosen_row])
-  columns = jnp.arange(enlarged_cols.shape[0], dtype=jnp.int32)
   in_chosen_row = (unknown[enlarged_rows[chosen_row], enlarged_cols]
-                   & (columns >= margin) & (columns < grid_width - margin))
+                   & (cols >= margin) & (cols < grid_width - margin))
   chosen_col = jnp.searchsorted(jnp.cumsum(in_chosen_row, dtype=jnp.int32), rank_in_row)
   centred = num_candidates >= protocol.MIN_UNKNOWN_FOR_CENTRED_CROP
   top = jnp.where(centred, chosen_row - margin,
@@ -543,29 +558,37 @@ def _crop_one(ex: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Array,
                     ).astype(jnp.int32))
   has_unknown = jnp.any(unknown)
   steps = jnp.arange(crop_size, dtype=jnp.int32)
-  crop_rows = enlarged_rows[jnp.where(has_unknown, top + steps, ex["whole_rows"])]
-  crop_cols = enlarged_cols[jnp.where(has_unknown, left + steps, ex["whole_cols"])]
-  crop_rows, crop_cols = crop_rows[:, None], crop_cols[None, :]
-  trimap_crop = jnp.where(_bit(hits_bg, crop_rows, crop_cols),
-                          jnp.where(_bit(hits_fg, crop_rows, crop_cols),
-                                    jnp.uint8(128), jnp.uint8(255)), jnp.uint8(0))
+  return {"rows": enlarged_rows[jnp.where(has_unknown, top + steps, ex["whole_rows"])],
+          "cols": enlarged_cols[jnp.where(has_unknown, left + steps, ex["whole_cols"])],
+          "decisions": {"top": top, "left": left, "pick": pick, "centred": centred,
+                        "has_unknown": has_unknown}}
 
-  # The alpha and the foreground at the crop's pixels only, merged there.
-  inside, fg_rows, fg_cols = _source_of(ex, crop_rows, crop_cols)
-  second = _second_pixel(ex, fg_rows, fg_cols)
-  first = _first_pixel(ex, fg_rows, fg_cols)
-  code1 = jnp.where(inside, ex["alpha"][first].astype(jnp.int32), 0)
-  code2 = jnp.where(inside, ex["alpha2"][second].astype(jnp.int32), 0)
-  alpha_crop = value_table[_merged_codes(merge, code1, code2)]
-  fg = jnp.where(inside[..., None], ex["fg"][first], 0).astype(jnp.float32)
-  a1, a2 = value_table[code1][..., None], value_table[code2][..., None]
-  merged_alpha = value_table[_merged_codes(True, code1, code2)][..., None]
-  f2 = jnp.where(inside[..., None], ex["fg2"][second], 0).astype(jnp.float32)
-  fg = jnp.where(merge, jnp.floor((fg * a1 + f2 * (1.0 - a1) * a2) / (merged_alpha + 1e-5)),
-                 fg)
-  return {"fg": fg, "alpha": alpha_crop, "trimap": trimap_crop[..., None],
-          "decisions": {"merge": merge, "top": top, "left": left, "pick": pick,
-                        "centred": centred, "has_unknown": has_unknown}}
+
+def _crop_pixels(batch: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Array,
+                 hits_bg: jax.Array, crop_rows: jax.Array, crop_cols: jax.Array,
+                 value_table: jax.Array) -> dict[str, jax.Array]:
+  """The crops' trimaps, alphas and (merged) foregrounds, read at their (B, crop) rows and
+  columns of the trimap grid only."""
+  crop_rows, crop_cols = crop_rows[:, :, None], crop_cols[:, None, :]
+
+  def eroded_away(hits):  # the packed bits at the crop's pixels
+    words = hits.reshape(hits.shape[0], -1)
+    word = _take(words, crop_rows * hits.shape[2] + crop_cols // _WORD_BITS)
+    return ((word >> (crop_cols % _WORD_BITS).astype(jnp.uint32)) & 1).astype(bool)
+
+  trimap = jnp.where(eroded_away(hits_bg),
+                     jnp.where(eroded_away(hits_fg), jnp.uint8(128), jnp.uint8(255)),
+                     jnp.uint8(0))
+  pixels = _source_pixels(batch, merge, crop_rows, crop_cols)
+  valid = pixels["valid"][..., None]
+  fg = jnp.where(valid, _take(batch["fg"], pixels["first"]), 0).astype(jnp.float32)
+  f2 = jnp.where(valid, _take(batch["fg2"], pixels["second"]), 0).astype(jnp.float32)
+  a1 = value_table[pixels["code1"]][..., None]
+  a2 = value_table[pixels["code2"]][..., None]
+  merged_alpha = value_table[_merged_codes(True, pixels["code1"], pixels["code2"])][..., None]
+  fg = jnp.where(merge[:, None, None, None],
+                 jnp.floor((fg * a1 + f2 * (1.0 - a1) * a2) / (merged_alpha + 1e-5)), fg)
+  return {"fg": fg, "alpha": value_table[pixels["code"]], "trimap": trimap[..., None]}
 
 
 def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
@@ -621,7 +644,7 @@ def _finish_one(ex: dict[str, jax.Array], crop: dict[str, jax.Array], bg: jax.Ar
 def _compose_examples(batch, crop_size):
   # The table is a constant of the compiled executor, not an argument sent every batch.
   value_table = jnp.asarray(_alpha_values())
-  grid = jax.vmap(_grid_codes)(batch)
+  grid = _grid_codes(batch)
   columns = batch["kernel_columns"]
   # Both erosions in one loop over the examples. The barriers keep XLA from fusing the
   # packing into each of the erosion's 58 reads of its levels (it would repeat it).
@@ -630,9 +653,11 @@ def _compose_examples(batch, crop_size):
       jnp.concatenate([columns[:, 0], columns[:, 2]]),
       jnp.concatenate([columns[:, 1], columns[:, 3]])))
   hits_fg, hits_bg = jnp.split(hits, 2)
-  crops = jax.vmap(lambda ex, merge, fg, bg: _crop_one(ex, merge, fg, bg, value_table,
-                                                       crop_size)
-                   )(batch, grid["merge"], hits_fg, hits_bg)
+  position = jax.vmap(lambda ex, fg, bg: _crop_position(ex, fg, bg, crop_size)
+                      )(batch, hits_fg, hits_bg)
+  crops = _crop_pixels(batch, grid["merge"], hits_fg, hits_bg, position["rows"],
+                       position["cols"], value_table)
+  crops["decisions"] = dict(position["decisions"], merge=grid["merge"])
 
   def backgrounds(window):
     return jax.vmap(lambda ex, d: _background_one(ex, d, crop_size, window)
