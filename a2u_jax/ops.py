@@ -586,9 +586,10 @@ def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
   d x: the padded input split into its stride x stride phases; tap (ky, kx) sends its
   cotangent to phase (ky % s, kx % s) shifted by (ky // s, kx // s), so each phase is one
   fused sum of unit-stride windows of the cotangent, and the phases interleave back.
-  d kernels: per output pixel, a dot product over channels (shared banks) or a product
-  summed over pixels (per-channel banks) of each tap's window with the cotangent, one
-  batched matrix product per tap row (`tap_row_products`).
+  d kernels: shared banks, per output pixel a dot product over channels of each tap's
+  window with the cotangent (the reassembly's `tile_products`), summed over pixels;
+  per-channel banks, a product summed over pixels, one batched matrix product per tap row
+  (`tap_row_products`).
   """
   x, kernels = residuals
   with jax.named_scope(ENCODING_SCOPE):
@@ -624,11 +625,12 @@ def _per_sample_depthwise_grads(x, kernels, cotangent, stride, padding):
   row_starts = [(ky % s) * u + ky // s for ky in range(k)]
   col_starts = [(kx % s) * v + kx // s for kx in range(k)]
   if kernels.shape[3] == 1:
-    # Shared banks: per pixel, contract channels; then sum the pixels (small).
-    dk = jnp.stack([jnp.sum(tap_row_products(
-        rows, cotangent[..., j], "nyxtc,nyxc->nyxt", row_starts, col_starts,
-        (out_h, out_w)), axis=(1, 2)) for j in range(m)], axis=-1)   # (N, k, k, M)
-    dk = dk[:, :, :, None]
+    # Shared banks: per pixel, contract channels (the reassembly's tile products); then
+    # sum the pixels (small).
+    dk = jnp.stack([jnp.sum(tile_products(
+        rows[:, :, :, None], cotangent[:, :, None, :, None, None, :, j], row_starts,
+        col_starts, DOWN_ROW_TILE), axis=(1, 2, 3, 4, 5)) for j in range(m)], axis=-1)
+    dk = dk[:, :, :, None]                                             # (N, k, k, 1, M)
   else:
     dk = tap_row_products(rows, cotangent, "nyxtc,nyxcm->ncmt", row_starts,
                           col_starts, (out_h, out_w))                  # (N, C, M, k, k)

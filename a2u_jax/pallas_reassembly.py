@@ -3,9 +3,9 @@ and down (the formulas of `a2u_jax.ops`, docs/design.md §2.2).
 
 Selected by ``implementation="pallas"`` in `ops.reassemble_up` / `ops.reassemble_down`.
 On a GPU the kernels compile through Pallas' Triton backend; on every other platform they
-run in Pallas' interpret mode (the kernel body as a JAX program looped over the grid):
-exact, and what the CPU tests check against the XLA formulas, but far slower than XLA, so
-not a CPU or TPU implementation (a TPU kernel would need the halo'd windows in VMEM
+run in Pallas' interpret mode (the kernel body as a JAX program looped over the grid; see
+`_interpret` for inside shard_map): exact, and what the CPU tests check against the XLA
+formulas, but far slower than XLA, so not a CPU or TPU implementation (a TPU kernel would need the halo'd windows in VMEM
 blocks, which Mosaic's BlockSpecs cannot express; TPUs keep the XLA formulas).
 
 Why kernels: the XLA formulas read every input once per tap. Here one program owns a row
@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 # Widest row block and channel block of one program. 32 x 64 float32 values per loaded
 # window keep a K=3 up program's 36 partial sums and its windows within a GPU thread
@@ -49,8 +50,14 @@ def _blocks(width: int, channels: int) -> tuple[int, int, int, int]:
   return bw, -(-width // bw) * bw, bc, -(-channels // bc) * bc
 
 
-def _interpret() -> bool:
-  return jax.default_backend() != "gpu"
+def _interpret(varying: frozenset):
+  """False on GPUs (Triton); elsewhere Pallas' HLO interpreter (exact in float64), or its
+  TPU interpreter for operands that vary over shard_map axes: in jax 0.10.2 the HLO
+  interpreter's grid loop fails there (it slices varying blocks at non-varying program
+  ids), while the TPU interpreter runs (in float32 and bfloat16 only)."""
+  if jax.default_backend() == "gpu":
+    return False
+  return pltpu.InterpretParams() if varying else True
 
 
 def _fold_groups(x: jax.Array) -> jax.Array:
@@ -78,8 +85,19 @@ def _whole(x: jax.Array) -> pl.BlockSpec:
 
 
 def _call(kernel, out_shape, grid, in_specs, out_spec, *operands):
+  # Inside shard_map (data-parallel training) Pallas must be told how its output varies
+  # over the mesh axes: as the operands together, which are first made to vary alike.
+  mats = [jax.typeof(x).manual_axis_type for x in operands]
+  varying = frozenset().union(*(mat.varying for mat in mats if mat is not None))
+  if varying:
+    operands = [x if not varying - mat.varying
+                else jax.lax.pcast(x, tuple(varying - mat.varying), to="varying")
+                for x, mat in zip(operands, mats)]
+    out_shape = jax.ShapeDtypeStruct(
+        out_shape.shape, out_shape.dtype,
+        manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_spec, interpret=_interpret())(*operands)
+                        out_specs=out_spec, interpret=_interpret(varying))(*operands)
 
 
 # ------------------------------------------------------------------------------ up

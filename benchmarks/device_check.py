@@ -4,6 +4,7 @@
     python benchmarks/device_check.py --quick     # the same code at toy sizes (CPU, <2 min)
     python benchmarks/device_check.py --profile --sections profile   # only the profile
     python benchmarks/device_check.py --sections train pipeline      # the JAX input pipeline
+    python benchmarks/device_check.py --sections kernels   # the reassembly's Pallas kernels
 
 Needs no TensorFlow (the accelerator machines have JAX, Flax, Optax, Orbax and PyTorch).
 Sections, in this order (each row runs even when an earlier one failed; rows left once
@@ -19,7 +20,13 @@ Sections, in this order (each row runs even when an earlier one failed; rows lef
      architecture with F.unfold reassembly) on the same device, with the ratio;
   4. network inference, A2U and baseline, 512x512 and 1024x1024, float32 and bfloat16;
   5. with --profile: the per-operation breakdown of the A2U and baseline training steps
-     (benchmarks/profile_step.py) at the training section's size, float32 and bfloat16.
+     (benchmarks/profile_step.py) at the training section's size, float32 and bfloat16;
+  6. with --sections kernels: the reassembly's Pallas kernels (implementation="pallas",
+     a2u_jax/pallas_reassembly.py): the kernel tests on this device (pytest in a child
+     process: tests/test_pallas_reassembly.py, the Pallas cases of tests/test_ops.py and
+     the network's float64 gradients of tests/test_reference.py), forward and
+     forward+backward times beside XLA's ("slices") for the reassembly section's cases,
+     and the A2U training step with each beside the baseline's.
 Each training row runs in its own process, so its peak memory is its own and an
 out-of-memory error stays in its row. Prints a markdown table per section and writes
 them all to --out as JSON (complete when it appears).
@@ -283,6 +290,8 @@ def markdown(report: dict) -> str:
   if report.get("profile"):
     lines.append("\n## Training-step profile (benchmarks/profile_step.py)\n")
     lines += [table["markdown"] + "\n" for table in report["profile"]]
+  if report.get("kernels"):
+    lines += kernels_markdown(report["kernels"])
   return "\n".join(lines)
 
 
@@ -371,7 +380,116 @@ def profile_section(plan: Plan, deadline: float) -> list[dict]:
   return tables
 
 
-SECTIONS = ("reassembly", "train", "inference", "profile", "pipeline")
+# ---------------------------------------------------------------- 6. Pallas kernels
+
+KERNEL_TESTS = ("tests/test_pallas_reassembly.py", "tests/test_ops.py",
+                "tests/test_reference.py")
+# The Pallas cases of the last two: the authors' kernels (every implementation) and the
+# network's float64 gradients with the kernels on (a slow test).
+KERNEL_TEST_FILTER = "pallas or test_pallas_reassembly"
+
+
+def kernel_tests(timeout_s: float) -> dict:
+  """pytest of the kernel tests on this machine's default device: passed, failed, tail."""
+  import subprocess
+
+  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "-m", "slow or not slow", "-k", KERNEL_TEST_FILTER, *KERNEL_TESTS]
+  try:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"command": " ".join(command[1:]), "passed": False,
+            "summary": f"timed out after {timeout_s:.0f} s"}
+  lines = (done.stdout + done.stderr).strip().splitlines()
+  return {"command": " ".join(command[1:]), "passed": done.returncode == 0,
+          "summary": lines[-1] if lines else "", "tail": "\n".join(lines[-30:])}
+
+
+def kernel_train_row(variant: str, crop: int, size: int, repeats: int,
+                     implementation: str) -> dict:
+  """`jax_train_row` of A2U share with the reassembly's `implementation` (the config's
+  resampler option, as `--config.model.resampler_options.implementation` sets it)."""
+  from configs import a2u_matting
+
+  get_config = a2u_matting.get_config
+
+  def with_implementation():
+    config = get_config()
+    config.model.resampler_options.implementation = implementation
+    return config
+
+  a2u_matting.get_config = with_implementation   # this row's own child process
+  return jax_train_row(variant, crop, size, repeats)
+
+
+def kernels_section(plan: Plan, deadline: float) -> dict:
+  """Section 6: the kernel tests, then XLA vs Pallas reassembly times, then the steps."""
+  tests = kernel_tests(max(60.0, deadline - time.perf_counter()))
+  _progress(f"kernels: tests {tests['summary']}")
+  rows = []
+  for case in plan.reassembly_cases:
+    if time.perf_counter() > deadline:
+      rows.append({"case": case.name, "skipped": "time budget spent"})
+      continue
+    measured = {r["name"].split()[1]: r for r in
+                reassembly.jax_rows(case, plan.repeats, ("slices", "pallas"))[:2]}
+    xla, kernel = measured["slices"], measured["pallas"]
+    rows.append({"case": case.name, "xla_forward_ms": xla["fwd"],
+                 "xla_forward_backward_ms": xla["fb"], "pallas_forward_ms": kernel["fwd"],
+                 "pallas_forward_backward_ms": kernel["fb"],
+                 "xla_backward_ratio": xla["fb"] / xla["fwd"],
+                 "pallas_backward_ratio": kernel["fb"] / kernel["fwd"]})
+    _progress(f"kernels: {rows[-1]}")
+  steps = {}
+  for name, args in (("A2U share, XLA reassembly", ("share", "slices")),
+                     ("A2U share, Pallas reassembly", ("share", "pallas")),
+                     ("baseline", ("baseline", "slices"))):
+    if time.perf_counter() > deadline:
+      steps[name] = {"skipped": "time budget spent"}
+      continue
+    variant, implementation = args
+    steps[name] = _in_child(kernel_train_row, variant, plan.train_crop, plan.train_batch,
+                            plan.repeats, implementation)
+    _progress(f"kernels: step {name}: {steps[name]}")
+  baseline = steps["baseline"]
+  ratios = {f"{name} / baseline step": _ratio(steps[name], baseline, "step_ms")
+            for name in steps if name != "baseline"}
+  return {"tests": tests, "reassembly": rows, "steps": steps, "ratios": ratios,
+          "crop": plan.train_crop, "batch": plan.train_batch}
+
+
+def kernels_markdown(section: dict) -> list[str]:
+  tests = section["tests"]
+  lines = ["\n## Pallas kernels of the reassembly (float32)\n",
+           f"kernel tests ({tests['command']}): **{'passed' if tests['passed'] else 'FAILED'}**"
+           f" ({tests['summary']})\n",
+           "| case | XLA fwd ms | XLA fwd+bwd ms | XLA fwd+bwd / fwd | Pallas fwd ms "
+           "| Pallas fwd+bwd ms | Pallas fwd+bwd / fwd | XLA / Pallas fwd+bwd |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in section["reassembly"]:
+    if "skipped" in r:
+      lines.append(f"| {r['case']} | {r['skipped']} | | | | | | |")
+      continue
+    lines.append(f"| {r['case']} | {r['xla_forward_ms']:.3f} | "
+                 f"{r['xla_forward_backward_ms']:.3f} | {r['xla_backward_ratio']:.2f} | "
+                 f"{r['pallas_forward_ms']:.3f} | {r['pallas_forward_backward_ms']:.3f} | "
+                 f"{r['pallas_backward_ratio']:.2f} | "
+                 f"{r['xla_forward_backward_ms'] / r['pallas_forward_backward_ms']:.2f} |")
+  lines += [f"\nTraining step ({section['crop']}x{section['crop']} crops, batch "
+            f"{section['batch']}, float32):\n", "| step | ms | peak memory GB |",
+            "|---|---:|---:|"]
+  for name, r in section["steps"].items():
+    if "step_ms" in r:
+      lines.append(f"| {name} | {r['step_ms']:.1f} | {_cell(r['peak_memory_gb'], '.2f')} |")
+    else:
+      lines.append(f"| {name} | {r.get('error') or r.get('skipped')} | |")
+  for key, value in section["ratios"].items():
+    lines.append(f"\n{key}: **{_cell(value, '.2f')}x**")
+  return lines
+
+
+SECTIONS = ("reassembly", "train", "inference", "profile", "pipeline", "kernels")
 DEFAULT_SECTIONS = ("reassembly", "train", "inference")
 
 
@@ -397,6 +515,8 @@ def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
                                        report["environment"]["torch"], deadline, train_dtypes)
     elif section == "profile":
       report["profile"] = profile_section(plan, deadline)
+    elif section == "kernels":
+      report["kernels"] = kernels_section(plan, deadline)
     elif section == "pipeline":
       # The JAX input pipeline beside the A2U step it feeds (benchmarks/pipeline_check.py,
       # whose train section runs train.py for minutes and so runs on its own).
@@ -425,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch row")
   parser.add_argument("--sections", nargs="+", choices=SECTIONS,
                       default=list(DEFAULT_SECTIONS),
-                      help="which sections to run, in this order (default: all but profile)")
+                      help="which sections to run, in this order (default: reassembly train inference)")
   parser.add_argument("--train-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32"],
                       help="config.dtype of the training-step rows (bfloat16: mixed precision; "

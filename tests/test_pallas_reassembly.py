@@ -82,3 +82,23 @@ def test_bfloat16_inputs_accumulate_in_float32_like_the_xla_formulas(direction):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=2 ** -7, atol=2 ** -7)
 
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_gradients_under_shard_map_match_the_unsharded_ones(direction):
+  """Data-parallel training runs the ops inside shard_map (device-varying operands)."""
+  k = 3 if direction == "up" else 4
+  features, kernels = _random_case(direction, (2, 4, 6, 8), k, 1, seed=11)
+  mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("batch",))
+
+  def loss(f, m, implementation):
+    return jnp.sum(OPS[direction](f, m, kernel_size=k, implementation=implementation) ** 2)
+
+  spec = jax.sharding.PartitionSpec("batch")
+  sharded = jax.jit(jax.shard_map(jax.grad(functools.partial(loss, implementation="pallas"),
+                                           (0, 1)),
+                                  mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec)))
+  expected = jax.grad(functools.partial(loss, implementation="slices"), (0, 1))(features,
+                                                                               kernels)
+  for got, want in zip(sharded(features, kernels), expected):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
