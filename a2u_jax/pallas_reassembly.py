@@ -5,8 +5,9 @@ Selected by ``implementation="pallas"`` in `ops.reassemble_up` / `ops.reassemble
 On a GPU the kernels compile through Pallas' Triton backend; on every other platform they
 run in Pallas' interpret mode (the kernel body as a JAX program looped over the grid; see
 `_interpret` for inside shard_map): exact, and what the CPU tests check against the XLA
-formulas, but far slower than XLA, so not a CPU or TPU implementation (a TPU kernel would need the halo'd windows in VMEM
-blocks, which Mosaic's BlockSpecs cannot express; TPUs keep the XLA formulas).
+formulas, but far slower than XLA, so not a CPU or TPU implementation. TPUs keep the XLA
+formulas: a Mosaic kernel would need the overlapping windows as element-offset VMEM blocks
+(`pl.Element`) instead of the whole arrays these kernels index; not attempted.
 
 Why kernels: the XLA formulas read every input once per tap. Here one program owns a row
 of BW output pixels (times a BC channel block), loads each tap's window of the padded input
@@ -164,13 +165,15 @@ def up_kernel_grad(f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
   r = (k - 1) // 2
   bw, wp, bc, cp = _blocks(w, cg)
   fp = _pad(_fold_groups(f), (r, r), (r, wp - w + r), cp)
-  ctv = _pad(_fold_groups(ct), (0, 0), (0, 2 * (wp - w)), cp).reshape(n * g, h, 2, wp, 2, cp)
+  ctv = _pad(_fold_groups(ct), (0, 0), (0, 2 * (wp - w)), cp)
+  ctv = ctv.reshape(n * g, h, 2, wp, 2, cp)
   dm = _call(functools.partial(_up_kernel_grad_kernel, k=k, bw=bw, bc=bc, cp=cp),
              jax.ShapeDtypeStruct((n * g, h, 2, wp, 2, k * k), f.dtype),
              (n * g, h, wp // bw),
              [_whole(fp), pl.BlockSpec((None, None, 2, bw, 2, cp),
                                        lambda b, y, xb: (b, y, 0, xb, 0, 0))],
-             pl.BlockSpec((None, None, 2, bw, 2, k * k), lambda b, y, xb: (b, y, 0, xb, 0, 0)),
+             pl.BlockSpec((None, None, 2, bw, 2, k * k),
+                          lambda b, y, xb: (b, y, 0, xb, 0, 0)),
              fp, ctv)
   dm = dm.reshape(n * g, 2 * h, 2 * wp, k * k)[:, :, :2 * w]
   return _unfold_groups(dm, g)
@@ -283,7 +286,8 @@ def down_kernel_grad(f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
   dm = _call(functools.partial(_down_kernel_grad_kernel, k=k, bw=bw, bc=bc, cp=cp),
              jax.ShapeDtypeStruct((n * g, h, wp, k * k), f.dtype),
              (n * g, h, wp // bw),
-             [_whole(fp), pl.BlockSpec((None, None, bw, cp), lambda b, y, xb: (b, y, xb, 0))],
+             [_whole(fp),
+              pl.BlockSpec((None, None, bw, cp), lambda b, y, xb: (b, y, xb, 0))],
              pl.BlockSpec((None, None, bw, k * k), lambda b, y, xb: (b, y, xb, 0)),
              fp, ctp)
   return _unfold_groups(dm[:, :, :w], g)
@@ -324,7 +328,8 @@ def down_feature_grad(m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
              jax.ShapeDtypeStruct((n * g, h, 2, wp, 2, cp), ct.dtype),
              (n * g, h, wp // bw, cp // bc),
              [_whole(ctp), _whole(mp)],
-             pl.BlockSpec((None, None, 2, bw, 2, bc), lambda b, y, xb, cb: (b, y, 0, xb, 0, cb)),
+             pl.BlockSpec((None, None, 2, bw, 2, bc),
+                          lambda b, y, xb, cb: (b, y, 0, xb, 0, cb)),
              ctp, mp)
   df = df.reshape(n * g, 2 * h, 2 * wp, cp)[:, :, :2 * w, :cg]
   return _unfold_groups(df, g)

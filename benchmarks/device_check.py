@@ -462,8 +462,8 @@ def kernels_section(plan: Plan, deadline: float) -> dict:
 def kernels_markdown(section: dict) -> list[str]:
   tests = section["tests"]
   lines = ["\n## Pallas kernels of the reassembly (float32)\n",
-           f"kernel tests ({tests['command']}): **{'passed' if tests['passed'] else 'FAILED'}**"
-           f" ({tests['summary']})\n",
+           f"kernel tests ({tests['command']}): "
+           f"**{'passed' if tests['passed'] else 'FAILED'}** ({tests['summary']})\n",
            "| case | XLA fwd ms | XLA fwd+bwd ms | XLA fwd+bwd / fwd | Pallas fwd ms "
            "| Pallas fwd+bwd ms | Pallas fwd+bwd / fwd | XLA / Pallas fwd+bwd |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch row")
   parser.add_argument("--sections", nargs="+", choices=SECTIONS,
                       default=list(DEFAULT_SECTIONS),
-                      help="which sections to run, in this order (default: reassembly train inference)")
+                      help="which sections to run, in this order (default: reassembly, "
+                           "train, inference)")
   parser.add_argument("--train-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32"],
                       help="config.dtype of the training-step rows (bfloat16: mixed precision; "

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import device_check  # noqa: E402  (benchmarks/device_check.py)
 
 
-@pytest.mark.slow  # the kernel tests, interpret-mode timings and three training steps: ~5 min
+@pytest.mark.slow  # kernel tests, interpret-mode timings, three training steps: ~5 min
 def test_kernels_section_tests_times_and_steps_at_toy_size(tmp_path):
   out = tmp_path / "kernels.json"
   subprocess.run([sys.executable, "benchmarks/device_check.py", "--quick", "--sections",
