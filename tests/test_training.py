@@ -294,9 +294,7 @@ def test_every_config_file_loads_and_validates(tmp_path):
   assert reconstruction.get_config().image_size == 32
 
 
-# The JAX pipeline's run is slow-only: its train.py runs (SIGKILL resume, two processes) are
-# slow tests too, and the default suite stays within its five minutes.
-@pytest.mark.parametrize("pipeline", ["numpy", pytest.param("jax", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("pipeline", ["numpy", "jax"])
 def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
     tmp_path, pipeline):
   from a2u_jax import checkpointing
