@@ -501,8 +501,8 @@ def _grid_codes(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   in_source = (rows < _size(batch, 0)) & (cols < _size(batch, 1))
   alpha1 = _take(batch["alpha"], jnp.broadcast_to(rows * _size(batch, 1) + cols,
                                                   (size, canvas_height, canvas_width)))
-  alpha2 = _take(batch["alpha2"], _take(batch["second_rows"], rows) * _size(batch, 9)
-                 + _take(batch["second_cols"], cols))
+  alpha2 = _take(batch["alpha2"], batch["second_rows"][:, :, None] * _size(batch, 9)
+                 + batch["second_cols"][:, None, :])
   below_one = ~_definite(_merged_codes(True, alpha1.astype(jnp.int32),
                                        alpha2.astype(jnp.int32)))[0]
   merge = (batch["flags"][:, 0] > 0) & jnp.any(in_source & below_one, axis=(1, 2))
@@ -592,7 +592,8 @@ def _crop_pixels(batch: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Arr
 
 
 def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
-                    crop_size: int, window: int | None) -> jax.Array:
+                    value_table: jax.Array, crop_size: int, window: int | None
+                    ) -> jax.Array:
   """Step 7's background of one example: a crop of the enlarged background, or (where
   nothing is unknown) all of it resized to the crop; (crop, crop, 3) float32 in [0, 1].
 
@@ -622,7 +623,7 @@ def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
   bg = jnp.einsum("pt,optc->opc", col_weights, by_rows[:, tap_cols])
   # 8-bit values: divided by 255 through the table (XLA turns x / 255 into x * (1 / 255),
   # which is not always the reference's correctly rounded quotient).
-  return jnp.asarray(_alpha_values())[jnp.clip(jnp.round(bg), 0.0, 255.0).astype(jnp.int32)]
+  return value_table[jnp.clip(jnp.round(bg), 0.0, 255.0).astype(jnp.int32)]
 
 
 def _finish_one(ex: dict[str, jax.Array], crop: dict[str, jax.Array], bg: jax.Array,
@@ -660,8 +661,9 @@ def _compose_examples(batch, crop_size):
   crops["decisions"] = dict(position["decisions"], merge=grid["merge"])
 
   def backgrounds(window):
-    return jax.vmap(lambda ex, d: _background_one(ex, d, crop_size, window)
-                    )(batch, crops["decisions"])
+    return jax.vmap(
+        lambda ex, d: _background_one(ex, d, value_table, crop_size, window)
+    )(batch, crops["decisions"])
 
   # Where every example crops (nearly always), the taps of a crop of the enlarged
   # background (never shrunk) span at most crop + 5 rows and columns.
