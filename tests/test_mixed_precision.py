@@ -30,34 +30,34 @@ def _assert_rounded_once(got, exact_float32):
                                 np.asarray(exact_float32.astype(jnp.bfloat16), np.float32))
 
 
+def _assert_output_and_cotangents_rounded_once(fn, low, exact):
+  """`fn` (jitted) on bfloat16 inputs `low`, and its cotangents, are the float32 ones on
+  `exact` rounded once."""
+  out = fn(*low)
+  _assert_rounded_once(out, fn(*exact))
+  (ct,), (ct32,) = _bf16_inputs(out.shape, seed=1)
+  grads = jax.jit(lambda *args: jax.vjp(fn, *args[:-1])[1](args[-1]))
+  for got, exact_grad in zip(grads(*low, ct), grads(*exact, ct32)):
+    _assert_rounded_once(got, exact_grad)
+
+
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_reassembly_accumulates_bfloat16_in_float32(direction):
   k = 3 if direction == "up" else 6
   f_shape, m_shape = (((2, 6, 5, 8), (2, 12, 10, 2 * k * k)) if direction == "up"
                       else ((2, 12, 10, 8), (2, 6, 5, 2 * k * k)))
   op = ops.reassemble_up if direction == "up" else ops.reassemble_down
-  (f, m), (f32, m32) = _bf16_inputs(f_shape, m_shape)
-  run = jax.jit(lambda f, m: op(f, m, kernel_size=k, groups=2))
-  out = run(f, m)
-  _assert_rounded_once(out, run(f32, m32))
-  # The gradients too: each cotangent is the float32 one rounded once.
-  (ct,), (ct32,) = _bf16_inputs(out.shape, seed=1)
-  grads = jax.jit(lambda f, m, ct: jax.vjp(run, f, m)[1](ct))
-  for got, exact in zip(grads(f, m, ct), grads(f32, m32, ct32)):
-    _assert_rounded_once(got, exact)
+  low, exact = _bf16_inputs(f_shape, m_shape)
+  _assert_output_and_cotangents_rounded_once(
+      jax.jit(lambda f, m: op(f, m, kernel_size=k, groups=2)), low, exact)
 
 
 def test_generator_reductions_accumulate_bfloat16_in_float32():
   (x, banks), (x32, banks32) = _bf16_inputs((2, 14, 12, 8), (2, 6, 6, 1, 2))
   pool = jax.jit(lambda x: ops.adaptive_avg_pool(x, 6))
   _assert_rounded_once(pool(x), pool(x32))
-  encode = jax.jit(lambda x, b: ops.per_sample_depthwise(x, b, 2, 2))
-  out = encode(x, banks)
-  _assert_rounded_once(out, encode(x32, banks32))
-  (ct,), (ct32,) = _bf16_inputs(out.shape, seed=1)
-  grads = jax.jit(lambda x, b, ct: jax.vjp(encode, x, b)[1](ct))
-  for got, exact in zip(grads(x, banks, ct), grads(x32, banks32, ct32)):
-    _assert_rounded_once(got, exact)
+  _assert_output_and_cotangents_rounded_once(
+      jax.jit(lambda x, b: ops.per_sample_depthwise(x, b, 2, 2)), (x, banks), (x32, banks32))
 
 
 def _config(dtype, crop=32, batch=4):
