@@ -33,7 +33,8 @@ Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps 
 two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a
 transposed reassembly (a fused sum of shifted windows of the cotangent times the kernels);
 the kernel cotangent contracts the cotangent with shifted feature windows over channels,
-as matrix products of tiles of output columns (see `tile_products`).
+as matrix products of tiles of output columns (see `tile_products`), on the CPU in bands
+of output rows (see `_in_row_bands`).
 
 Inputs may be float16, bfloat16, float32 or float64; low-precision inputs are accumulated
 in float32 and the result is cast back to the inputs' common dtype.
@@ -273,24 +274,77 @@ def tile_products(rows: jax.Array, ct: jax.Array, row_starts: list[int],
   for first, length in _runs(row_starts):
     # (N, row tiles, row_tile + length - 1, col tiles, U, G, Cg)
     windows = _tile_windows(columns, first, length, row_tile, row_tiles, 1)
-    prod = jnp.einsum("nYuqvgc,nYriqxjgc->nYiqjgrxuv", windows, ct,
+    # Batch, window and cotangent axes in the matrix product's own order: any other
+    # order costs a transposed copy of the products.
+    prod = jnp.einsum("nYuqvgc,nYriqxjgc->nYqguvrixj", windows, ct,
                       precision=lax.Precision.HIGHEST)
     taps = [ky for ky in range(len(row_starts)) if first <= row_starts[ky] < first + length]
-    # The product of output pixel (r, x) with the window of its tap (ky, kx).
-    pick = np.array([[[[((r * TILE + x) * windows.shape[2] + row_starts[ky] - first + r)
-                        * len(col_offsets) + col_offsets.index(s + x)
-                        for s in col_starts] for ky in taps]
-                      for x in range(TILE)] for r in range(row_tile)])
-    prod = prod.reshape(prod.shape[:6] + (-1,))
+    shape = (windows.shape[2], len(col_offsets), row_tile, p, TILE, q)
+    # The product of output pixel (r, i, x, j) with the window of its tap (ky, kx).
+    pick = np.array([[[[[[np.ravel_multi_index(
+        (row_starts[ky] - first + r, col_offsets.index(s + x), r, i, x, j), shape)
+        for s in col_starts] for ky in taps] for j in range(q)] for i in range(p)]
+        for x in range(TILE)] for r in range(row_tile)])
+    prod = prod.reshape(prod.shape[:4] + (-1,))
     parts.append(jnp.take(prod, jnp.asarray(pick.reshape(-1), jnp.int32), axis=-1)
-                 .reshape(prod.shape[:6] + pick.shape))
+                 .reshape(prod.shape[:4] + pick.shape))
     order += taps
-  out = jnp.concatenate(parts, axis=-2)       # (N, Y, P, q, Q, G, r, x, taps, K)
+  out = jnp.concatenate(parts, axis=-2)       # (N, Y, q, G, r, x, i, j, taps, K)
   out = jnp.take(out, jnp.asarray(np.argsort(order), jnp.int32), axis=-2)
-  out = jnp.transpose(out, (0, 1, 6, 2, 3, 7, 4, 5, 8, 9))
+  out = jnp.transpose(out, (0, 1, 4, 6, 2, 5, 7, 3, 8, 9))
   out = out.reshape(n, row_tiles * row_tile, p, col_tiles * TILE, q, g, len(row_starts),
                     len(col_starts))
   return out[:, :h, :, :w]
+
+
+def _row_band(x: jax.Array, first, size: int) -> jax.Array:
+  """Rows first .. first + size - 1 of x (N, H, ...), zero where outside 0 .. H - 1."""
+  index = first + jnp.arange(size)
+  inside = (index >= 0) & (index < x.shape[1])
+  band = jnp.take(x, jnp.clip(index, 0, x.shape[1] - 1), axis=1)
+  return jnp.where(inside.reshape((1, size) + (1,) * (x.ndim - 2)), band, 0)
+
+
+# Where `_in_row_bands` works in bands, and the cotangent bytes per band (2 MiB bands
+# were 1.8x slower than 1 MiB on 2 CPU cores at 512x512 -> 256x256; smaller ones about
+# equal). On accelerators the loop's launches would cost more than the temporaries.
+BANDED_PLATFORMS: tuple[str, ...] = ("cpu",)
+BAND_BYTES = 1 << 20
+
+
+def _in_row_bands(band_grad: Callable, f: jax.Array, ct: jax.Array, *, stride: int,
+                  offset: int, reach: int) -> jax.Array:
+  """band_grad(f rows, ct rows) over bands of output rows: (N, h, ...) like ct.
+
+  ct (N, h, ...) by output rows; output row y reads rows stride*y + offset .. stride*y +
+  offset + reach - 1 of f (N, H, ...), zero outside f. On the CPU the rows go in bands of
+  about BAND_BYTES of cotangent, one example and band at a time (`lax.map`): the products'
+  temporaries then stay in cache, and whole-array temporaries cost more there than the
+  products themselves (4x at 512x512 -> 256x256). On other platforms (BANDED_PLATFORMS)
+  it is one call on all rows.
+  """
+  n, h = ct.shape[:2]
+
+  def whole():
+    return band_grad(_row_band(f, offset, stride * (h - 1) + reach), ct)
+
+  def banded():
+    row_bytes = np.prod(ct.shape[2:]) * ct.dtype.itemsize
+    bands = -(-h // max(1, min(h, BAND_BYTES // row_bytes)))
+    band = -(-h // bands)
+
+    def one(index):
+      example, first = index // bands, (index % bands) * band
+      f_rows = _row_band(lax.dynamic_index_in_dim(f, example), stride * first + offset,
+                         stride * (band - 1) + reach)
+      ct_rows = _row_band(lax.dynamic_index_in_dim(ct, example), first, band)
+      return band_grad(f_rows, ct_rows)[0]
+
+    out = lax.map(one, jnp.arange(n * bands))
+    return out.reshape((n, bands * band) + out.shape[2:])[:, :h]
+
+  return lax.platform_dependent(**{platform: banded for platform in BANDED_PLATFORMS},
+                                default=whole)
 
 
 def _up_forward(read: Reader, f: jax.Array, m: jax.Array, k: int) -> jax.Array:
@@ -309,9 +363,15 @@ def _up_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Ar
   """d out / d m contracted with ct (N, 2h, 2w, G, Cg) -> (N, 2h, 2w, G, T)."""
   del read  # Unit-stride windows are slices under both implementations.
   n, h, w, g, cg = f.shape
+  r = (k - 1) // 2
+
   # Both output phases (i, j) of a coarse pixel read the same windows.
-  grad = tile_products(_pad_hw(f, (k - 1) // 2), ct.reshape(n, h, 2, w, 2, g, cg),
-                       list(range(k)), list(range(k)))
+  def band_grad(f_rows, ct_rows):
+    padded = jnp.pad(f_rows, ((0, 0), (0, 0), (r, r), (0, 0), (0, 0)))
+    return tile_products(padded, ct_rows, list(range(k)), list(range(k)))
+
+  grad = _in_row_bands(band_grad, f, ct.reshape(n, h, 2, w, 2, g, cg), stride=1,
+                       offset=-r, reach=k)
   return grad.reshape(n, 2 * h, 2 * w, g, k * k)
 
 
@@ -342,12 +402,18 @@ def _down_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.
   """ct (N, H/2, W/2, G, Cg) -> (N, H/2, W/2, G, T)."""
   del read
   n, h, w, g, cg = ct.shape
+  r = (k - 2) // 2
+
   # Tap (ky, kx) reads the stride-2 window at (ky, kx) of the padded features: the
   # unit-stride window at (ky // 2, kx // 2) of their phase (ky % 2, kx % 2).
-  rows, hp, wp = phase_split(_pad_hw(f, (k - 2) // 2), 2)
-  grad = tile_products(rows, ct.reshape(n, h, 1, w, 1, g, cg),
-                       [(ky % 2) * hp + ky // 2 for ky in range(k)],
-                       [(kx % 2) * wp + kx // 2 for kx in range(k)], DOWN_ROW_TILE)
+  def band_grad(f_rows, ct_rows):
+    padded = jnp.pad(f_rows, ((0, 0), (0, 0), (r, r), (0, 0), (0, 0)))
+    rows, hp, wp = phase_split(padded, 2)
+    return tile_products(rows, ct_rows[:, :, None, :, None],
+                         [(ky % 2) * hp + ky // 2 for ky in range(k)],
+                         [(kx % 2) * wp + kx // 2 for kx in range(k)], DOWN_ROW_TILE)
+
+  grad = _in_row_bands(band_grad, f, ct, stride=2, offset=-r, reach=k)
   return grad.reshape(n, h, w, g, k * k)
 
 
@@ -604,8 +670,8 @@ def _per_sample_depthwise_grads(x, kernels, cotangent, stride, padding):
   n, hh, ww, c = x.shape
   k, s = kernels.shape[1], stride
   _, out_h, out_w, _, m = cotangent.shape
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  rows, u, v = phase_split(xp, s)
+  # The padded input's phases are u x v (`phase_split`).
+  u, v = -(-(hh + 2 * padding) // s), -(-(ww + 2 * padding) // s)
 
   q = (k - 1) // s
   ctp = jnp.pad(cotangent, ((0, 0), (q, u - out_h), (q, v - out_w), (0, 0), (0, 0)))
@@ -623,18 +689,26 @@ def _per_sample_depthwise_grads(x, kernels, cotangent, stride, padding):
   dxp = jnp.stack(phases, axis=2).reshape(n, s * u, s * v, c)  # row u*s + a
   dx = dxp[:, padding:padding + hh, padding:padding + ww]
 
-  row_starts = [(ky % s) * u + ky // s for ky in range(k)]
-  col_starts = [(kx % s) * v + kx // s for kx in range(k)]
   if kernels.shape[3] == 1:
-    # Shared banks: per pixel, contract channels (the reassembly's tile products); then
-    # sum the pixels (small).
-    dk = jnp.stack([jnp.sum(tile_products(
-        rows[:, :, :, None], cotangent[:, :, None, :, None, None, :, j], row_starts,
-        col_starts, DOWN_ROW_TILE), axis=(1, 2, 3, 4, 5)) for j in range(m)], axis=-1)
-    dk = dk[:, :, :, None]                                             # (N, k, k, 1, M)
+    # Shared banks: per pixel, contract channels (the reassembly's tile products, in row
+    # bands on the CPU); then sum the pixels (small).
+    def band_grad(x_rows, ct_rows):
+      padded = jnp.pad(x_rows, ((0, 0), (0, 0), (padding, padding), (0, 0)))
+      band_phases, band_u, band_v = phase_split(padded, s)
+      return jnp.stack([tile_products(
+          band_phases[:, :, :, None], ct_rows[:, :, None, :, None, None, :, j],
+          [(ky % s) * band_u + ky // s for ky in range(k)],
+          [(kx % s) * band_v + kx // s for kx in range(k)], DOWN_ROW_TILE)
+          for j in range(m)], axis=-1)
+
+    per_pixel = _in_row_bands(band_grad, x, cotangent, stride=s, offset=-padding, reach=k)
+    dk = jnp.sum(per_pixel, axis=(1, 2, 3, 4, 5))[:, :, :, None]        # (N, k, k, 1, M)
   else:
-    dk = tap_row_products(rows, cotangent, "nyxtc,nyxcm->ncmt", row_starts,
-                          col_starts, (out_h, out_w))                  # (N, C, M, k, k)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dk = tap_row_products(phase_split(xp, s)[0], cotangent, "nyxtc,nyxcm->ncmt",
+                          [(ky % s) * u + ky // s for ky in range(k)],
+                          [(kx % s) * v + kx // s for kx in range(k)],
+                          (out_h, out_w))                              # (N, C, M, k, k)
     dk = jnp.transpose(dk, (0, 3, 4, 1, 2))
   return dx, dk
 

@@ -177,3 +177,28 @@ def test_per_sample_depthwise_matches_grouped_convolution_and_its_gradient():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(got[1], want[1].sum(axis=3, keepdims=True), rtol=1e-10,
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("band_rows", [None, 1, 2])
+@pytest.mark.parametrize("stride,padding,kernel_size", [(2, 2, 6), (3, 2, 5)])
+def test_shared_bank_gradient_in_row_bands(monkeypatch, band_rows, stride, padding,
+                                           kernel_size):
+  """The shared banks' gradient on both schedules of `ops._in_row_bands`: all rows at
+  once (accelerators) and bands of one or two output rows (the CPU's, ragged here)."""
+  x = np.random.default_rng(4).standard_normal((2, 13, 11, 3))
+  shared = np.random.default_rng(5).standard_normal((2, kernel_size, kernel_size, 1, 2))
+  out_h = (13 + 2 * padding - kernel_size) // stride + 1
+  out_w = (11 + 2 * padding - kernel_size) // stride + 1
+  ct = np.random.default_rng(6).standard_normal((2, out_h, out_w, 3, 2))
+  if band_rows is None:
+    monkeypatch.setattr(ops, "BANDED_PLATFORMS", ())
+  else:
+    monkeypatch.setattr(ops, "BAND_BYTES", band_rows * out_w * 3 * 2 * 8)
+  with jax.enable_x64(True):
+    got = jax.vjp(lambda a, b: ops.per_sample_depthwise(a, b, stride, padding), x,
+                  shared)[1](ct)
+    broadcast = np.broadcast_to(shared, shared.shape[:3] + (3, 2))
+    want = jax.vjp(lambda a, b: _depthwise_by_conv(a, b, stride, padding), x,
+                   broadcast)[1](ct)
+    np.testing.assert_allclose(got[1], want[1].sum(axis=3, keepdims=True), rtol=1e-10,
+                               atol=1e-10)

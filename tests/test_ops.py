@@ -118,6 +118,30 @@ def test_gradients_are_exact_in_float64(direction, shape, kernel_size, groups,
                 rtol=1e-8)
 
 
+@pytest.mark.parametrize("band_rows", [None, 1, 2])
+@pytest.mark.parametrize("direction,shape,kernel_size,groups", [
+    ("up", (2, 7, 5, 4), 3, 2), ("up", (1, 5, 3, 2), 5, 1),
+    ("down", (2, 10, 6, 4), 6, 1), ("down", (1, 6, 10, 2), 4, 2),
+])
+def test_kernel_cotangent_in_row_bands_is_exact(monkeypatch, direction, shape, kernel_size,
+                                                groups, band_rows):
+  """The kernel cotangent's two schedules: all rows at once (accelerators), and bands of
+  one or two output rows per example (the CPU's, here with ragged last bands)."""
+  if band_rows is None:
+    monkeypatch.setattr(ops, "BANDED_PLATFORMS", ())
+  else:
+    n, h, w, c = shape
+    # Cotangent bytes per output row of a band: float64, both output phases for up.
+    row_bytes = 8 * c * (2 * 2 * w if direction == "up" else w // 2)
+    monkeypatch.setattr(ops, "BAND_BYTES", band_rows * row_bytes)
+  with jax.enable_x64(True):
+    features, kernels = _random_case(direction, shape, kernel_size, groups, seed=5,
+                                     dtype=np.float64)
+    fn = functools.partial(OPS[direction], kernel_size=kernel_size, groups=groups)
+    check_grads(jax.jit(fn), (features, kernels), order=1, modes=("rev",), atol=1e-8,
+                rtol=1e-8)
+
+
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_vmap_matches_batched_call(direction):
   k = 3 if direction == "up" else 4
