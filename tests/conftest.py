@@ -1,9 +1,12 @@
 """Test set-up: four fake CPU devices for pmap tests, fast compiles, and the ../shared
 fixtures."""
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends (i.e. before any test module runs).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -14,6 +17,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 # not depend on it: the equivalence tests hold with and without (JAX_DISABLE_MOST_
 # OPTIMIZATIONS=0 runs them optimised).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Many tests, and the CLIs they start, compile the same programs (the smoke network's
+# training step above all): a persistent compilation cache private to this test process
+# and its children turns the repeats into cache reads.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="a2u-jax-test-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
