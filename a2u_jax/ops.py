@@ -317,16 +317,22 @@ def _in_row_bands(band_grad: Callable, f: jax.Array, ct: jax.Array, *, stride: i
   """band_grad(f rows, ct rows) over bands of output rows: (N, h, ...) like ct.
 
   ct (N, h, ...) by output rows; output row y reads rows stride*y + offset .. stride*y +
-  offset + reach - 1 of f (N, H, ...), zero outside f. On the CPU the rows go in bands of
-  about BAND_BYTES of cotangent, one example and band at a time (`lax.map`): the products'
-  temporaries then stay in cache, and whole-array temporaries cost more there than the
-  products themselves (4x at 512x512 -> 256x256). On other platforms (BANDED_PLATFORMS)
-  it is one call on all rows.
+  offset + reach - 1 of f (N, H, W, ...), zero outside f; band_grad gets them with -offset
+  zero columns on either side (f padded as its rows are). On the CPU the rows go in bands
+  of about BAND_BYTES of cotangent, one example and band at a time (`lax.map`): the
+  products' temporaries then stay in cache, and whole-array temporaries cost more there
+  than the products themselves (4x at 512x512 -> 256x256). On other platforms
+  (BANDED_PLATFORMS) it is one call on all rows.
   """
   n, h = ct.shape[:2]
 
+  def padded_rows(x, first, size):
+    columns = [(0, 0)] * x.ndim
+    columns[2] = (-offset, -offset)
+    return jnp.pad(_row_band(x, first, size), columns)
+
   def whole():
-    return band_grad(_row_band(f, offset, stride * (h - 1) + reach), ct)
+    return band_grad(padded_rows(f, offset, stride * (h - 1) + reach), ct)
 
   def banded():
     row_bytes = np.prod(ct.shape[2:]) * ct.dtype.itemsize
@@ -335,8 +341,8 @@ def _in_row_bands(band_grad: Callable, f: jax.Array, ct: jax.Array, *, stride: i
 
     def one(index):
       example, first = index // bands, (index % bands) * band
-      f_rows = _row_band(lax.dynamic_index_in_dim(f, example), stride * first + offset,
-                         stride * (band - 1) + reach)
+      f_rows = padded_rows(lax.dynamic_index_in_dim(f, example), stride * first + offset,
+                           stride * (band - 1) + reach)
       ct_rows = _row_band(lax.dynamic_index_in_dim(ct, example), first, band)
       return band_grad(f_rows, ct_rows)[0]
 
@@ -363,15 +369,13 @@ def _up_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.Ar
   """d out / d m contracted with ct (N, 2h, 2w, G, Cg) -> (N, 2h, 2w, G, T)."""
   del read  # Unit-stride windows are slices under both implementations.
   n, h, w, g, cg = f.shape
-  r = (k - 1) // 2
 
   # Both output phases (i, j) of a coarse pixel read the same windows.
   def band_grad(f_rows, ct_rows):
-    padded = jnp.pad(f_rows, ((0, 0), (0, 0), (r, r), (0, 0), (0, 0)))
-    return tile_products(padded, ct_rows, list(range(k)), list(range(k)))
+    return tile_products(f_rows, ct_rows, list(range(k)), list(range(k)))
 
   grad = _in_row_bands(band_grad, f, ct.reshape(n, h, 2, w, 2, g, cg), stride=1,
-                       offset=-r, reach=k)
+                       offset=-((k - 1) // 2), reach=k)
   return grad.reshape(n, 2 * h, 2 * w, g, k * k)
 
 
@@ -402,18 +406,16 @@ def _down_kernel_grad(read: Reader, f: jax.Array, ct: jax.Array, k: int) -> jax.
   """ct (N, H/2, W/2, G, Cg) -> (N, H/2, W/2, G, T)."""
   del read
   n, h, w, g, cg = ct.shape
-  r = (k - 2) // 2
 
   # Tap (ky, kx) reads the stride-2 window at (ky, kx) of the padded features: the
   # unit-stride window at (ky // 2, kx // 2) of their phase (ky % 2, kx % 2).
   def band_grad(f_rows, ct_rows):
-    padded = jnp.pad(f_rows, ((0, 0), (0, 0), (r, r), (0, 0), (0, 0)))
-    rows, hp, wp = phase_split(padded, 2)
+    rows, hp, wp = phase_split(f_rows, 2)
     return tile_products(rows, ct_rows[:, :, None, :, None],
                          [(ky % 2) * hp + ky // 2 for ky in range(k)],
                          [(kx % 2) * wp + kx // 2 for kx in range(k)], DOWN_ROW_TILE)
 
-  grad = _in_row_bands(band_grad, f, ct, stride=2, offset=-r, reach=k)
+  grad = _in_row_bands(band_grad, f, ct, stride=2, offset=-((k - 2) // 2), reach=k)
   return grad.reshape(n, h, w, g, k * k)
 
 
@@ -693,8 +695,7 @@ def _per_sample_depthwise_grads(x, kernels, cotangent, stride, padding):
     # Shared banks: per pixel, contract channels (the reassembly's tile products, in row
     # bands on the CPU); then sum the pixels (small).
     def band_grad(x_rows, ct_rows):
-      padded = jnp.pad(x_rows, ((0, 0), (0, 0), (padding, padding), (0, 0)))
-      band_phases, band_u, band_v = phase_split(padded, s)
+      band_phases, band_u, band_v = phase_split(x_rows, s)
       return jnp.stack([tile_products(
           band_phases[:, :, :, None], ct_rows[:, :, None, :, None, None, :, j],
           [(ky % s) * band_u + ky // s for ky in range(k)],

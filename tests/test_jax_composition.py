@@ -27,6 +27,16 @@ def _switch(values):
   return load
 
 
+def _plan(foregrounds, alphas, backgrounds, crop, index, seed):
+  """(decisions, `jax_composition.plan`) of example `index`."""
+  decisions = protocol.draw(seed, index, num_foregrounds=len(foregrounds),
+                            num_backgrounds=len(backgrounds), epoch_length=len(foregrounds))
+  first, second = int(decisions.foreground_index), int(decisions.second_index)
+  return decisions, jax_composition.plan(
+      foregrounds[first], alphas[first], foregrounds[second], alphas[second],
+      backgrounds[int(decisions.background_index)], decisions, crop)
+
+
 def _both(foregrounds, alphas, backgrounds, crop, indices, seed=5, per_example=None):
   """(reference examples and decisions, JAX batch output) for the given example indices;
   `per_example` forces the executor's form (default: the platform's)."""
@@ -34,19 +44,14 @@ def _both(foregrounds, alphas, backgrounds, crop, indices, seed=5, per_example=N
   load_bg_tuple = _switch([(b,) for b in backgrounds])
   references, plans = [], []
   for index in indices:
-    decisions = protocol.draw(seed, index, num_foregrounds=len(foregrounds),
-                              num_backgrounds=len(backgrounds),
-                              epoch_length=len(foregrounds))
+    decisions, example_plan = _plan(foregrounds, alphas, backgrounds, crop, index, seed)
     floats, ints = protocol.as_vectors(decisions)
     example, taken = composition.compose(load_fg, lambda i: load_bg_tuple(i)[0],
                                          tf.constant(floats), tf.constant(ints),
                                          crop_size=crop)
     references.append(({k: v.numpy() for k, v in example._asdict().items()},
                        {k: v.numpy() for k, v in taken.items()}))
-    first, second = int(decisions.foreground_index), int(decisions.second_index)
-    plans.append(jax_composition.plan(
-        foregrounds[first], alphas[first], foregrounds[second], alphas[second],
-        backgrounds[int(decisions.background_index)], decisions, crop))
+    plans.append(example_plan)
   batch = jax_composition.collate(plans)
   if per_example is None:
     output = jax_composition.compose_batch(batch, crop)
@@ -124,14 +129,8 @@ def test_collated_images_reach_the_cpu_backend_without_a_copy():
   """The batch's images start on 64-byte boundaries, so the CPU backend's device_put uses
   them in place (a copy into fresh memory cost ~0.15 s per batch of 1-2 MP images)."""
   foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(3, 2, 90, 150, seed=2)
-  plans = []
-  for index in range(3):
-    decisions = protocol.draw(0, index, num_foregrounds=3, num_backgrounds=2,
-                              epoch_length=3)
-    first, second = int(decisions.foreground_index), int(decisions.second_index)
-    plans.append(jax_composition.plan(
-        foregrounds[first], alphas[first], foregrounds[second], alphas[second],
-        backgrounds[int(decisions.background_index)], decisions, 64))
+  plans = [_plan(foregrounds, alphas, backgrounds, 64, index, seed=0)[1]
+           for index in range(3)]
   batch = jax_composition.collate(plans)
   for key in ("fg", "alpha", "fg2", "alpha2", "background"):
     assert batch[key].ctypes.data % 64 == 0, key
