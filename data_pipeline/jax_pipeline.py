@@ -236,11 +236,13 @@ class JaxStream:
     """Collated host batches (`jax_composition.collate`), read by grain's threads."""
     import grain
 
+    # The prefetch buffer holds whole batches (~400 MB each at 1-2 MP): two keep the
+    # device fed without running ahead of it.
     dataset = (grain.MapDataset.range(self.skip_batches * self.batch_size, _NO_END)
                .map(self.plan)
                .batch(self.batch_size, drop_remainder=True, batch_fn=jax_composition.collate)
                .to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
-                                                  prefetch_buffer_size=2 * self.batch_size)))
+                                                  prefetch_buffer_size=2)))
     return iter(dataset)
 
   def batches(self, sharding: jax.sharding.Sharding | None = None

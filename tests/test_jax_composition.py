@@ -265,3 +265,22 @@ def test_canvases_from_headers_are_the_collated_batches():
     assert stream.canvases(index) == (
         (batch["warp_row_x"].shape[1], batch["warp_col_x"].shape[1]), batch["fg"].shape[1],
         batch["background"].shape[1:3])
+
+
+def test_host_batches_run_at_most_a_few_batches_ahead():
+  """The host's prefetch counts whole batches (~400 MB each at 1-2 MP): it must stop a
+  few batches ahead of the consumer instead of filling memory."""
+  import time
+
+  from data_pipeline import jax_pipeline
+
+  source = jax_pipeline.host_source("synthetic", **_SYNTHETIC)
+  stream = jax_pipeline.JaxStream(source, batch_size=8, crop_size=64, seed=7, num_threads=2)
+  planned = []
+  plan = stream.plan
+  stream.plan = lambda counter: planned.append(counter) or plan(counter)
+  batches = stream.host_batches()
+  next(batches)
+  time.sleep(1.0)  # ample time to plan hundreds of these small examples
+  ahead = len(planned) // stream.batch_size - 1
+  assert 1 <= ahead <= 4, f"{ahead} batches planned ahead"
