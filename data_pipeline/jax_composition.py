@@ -35,6 +35,7 @@ What is not bit-identical, and why (the bounds the tests check):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -55,6 +56,7 @@ _OFFSETS = 2 * _HALF_SPAN + 1
 _WORD_BITS = 32  # pixels of a row packed into one word for the erosion
 _MERGED = 256  # codes >= _MERGED are merged alphas: _MERGED + 256 * a1 + a2
 _ALIGNMENT = 64  # bytes: host batches the CPU backend can use without a copy
+_ROW_BAND = 128  # rows of the trimap grid warped at a time, one example at a time
 
 
 def canvas_side(size: int) -> int:
@@ -305,11 +307,19 @@ def collate(plans: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return batch
 
 
-def _pack_columns(mask: jax.Array) -> jax.Array:
-  """(..., W) bool -> (..., W / 32) uint32: bit b of word j is column 32 j + b."""
-  bits = (mask.reshape(mask.shape[:-1] + (mask.shape[-1] // _WORD_BITS, _WORD_BITS)
-                       ).astype(jnp.uint32) << jnp.arange(_WORD_BITS, dtype=jnp.uint32))
-  return jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is their OR
+def _pack_columns(*masks: jax.Array) -> tuple[jax.Array, ...]:
+  """(..., W) bool masks -> (..., W / 32) uint32 each: bit b of word j is column 32 j + b.
+
+  One reduction packs them all, so what they are computed from is computed once (packed
+  separately, XLA would fuse that computation into each packing)."""
+  shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
+  bits = [(mask.reshape(mask.shape[:-1] + (mask.shape[-1] // _WORD_BITS, _WORD_BITS)
+                        ).astype(jnp.uint32) << shifts) for mask in masks]
+  zero = jnp.uint32(0)
+  # Distinct bits: their sum is their OR.
+  return jax.lax.reduce(tuple(bits), (zero,) * len(bits),
+                        lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                        (bits[0].ndim - 1,))
 
 
 def _unpack_columns(words: jax.Array) -> jax.Array:
@@ -349,6 +359,37 @@ def _example_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   return hit
 
 
+def _static_hits(bad: jax.Array, size: int) -> jax.Array:
+  """`_example_hits` for a kernel size known when tracing: (H, W / 32) uint32 words.
+
+  The same union of columns, with every level and shift fixed: the words are padded
+  once (rows for the levels, a zero word on each side for the shifts), so every read is
+  a static slice and XLA emits one plain loop over the words (on CPU ~30x faster than
+  the dynamically indexed levels), and a small kernel builds only the levels it reaches.
+  """
+  up, down = _kernel_columns(size)
+  reach_up, reach_down = int(up.max()), int(down.max())
+  height = bad.shape[0]
+  padded = jnp.pad(bad, ((reach_up, reach_down), (1, 1)))
+  above = [padded[reach_up:reach_up + height]]
+  below = [above[0]]
+  for reach in range(1, reach_up + 1):
+    above.append(above[-1] | padded[reach_up - reach:reach_up - reach + height])
+  for reach in range(1, reach_down + 1):
+    below.append(below[-1] | padded[reach_up + reach:reach_up + reach + height])
+  hit = jnp.zeros_like(bad)
+  for i in np.flatnonzero(up >= 0):
+    column = above[up[i]] | below[down[i]]
+    offset = int(i) - _HALF_SPAN
+    if offset == 0:
+      hit |= column[:, 1:-1]
+    elif offset > 0:
+      hit |= (column[:, 1:-1] >> offset) | (column[:, 2:] << (_WORD_BITS - offset))
+    else:
+      hit |= (column[:, 1:-1] << -offset) | (column[:, :-2] >> (_WORD_BITS + offset))
+  return hit
+
+
 def _hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   """Binary erosion, packed: which pixels have a bad pixel under their kernel.
 
@@ -362,19 +403,24 @@ def _hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
 
   The kernel is the union of its columns: the column at offset dx reaching t rows up and
   u rows down contributes (above_t | below_u) read dx columns to the right, where above_t
-  is the OR of a pixel's row and the t rows above it. The 15 levels of each are built
-  once, an OR of whole words per level, so a column costs one shift per 32 pixels (the
-  unpacked erosion, 29 compares per pixel, took 4x longer on CPU). The examples' kernels
-  differ, so each picks its levels by dynamic index. On CPU a loop over the examples
-  (`lax.map`) keeps those slices (vmapped, they become gathers, ~30x slower there);
-  accelerators take the vmapped gathers, which keep the whole batch in one kernel.
+  is the OR of a pixel's row and the t rows above it. The levels are built once, an OR of
+  whole words per level, so a column costs one shift per 32 pixels (the unpacked erosion,
+  29 compares per pixel, took 4x longer on CPU). On CPU a loop over the examples
+  (`lax.map`) switches to the kernel's size (`_static_hits`: 29 compiled variants, each a
+  plain loop); accelerators take vmapped gathers of the levels by each example's
+  columns, which keep the whole batch in one kernel (vmapped, a switch would run all 29).
   """
   return jax.lax.platform_dependent(bad, up, down, cpu=_looped_hits,
                                     default=_vectorised_hits)
 
 
 def _looped_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-  return jax.lax.map(lambda example: _example_hits(*example), (bad, up, down))
+  # An elliptic kernel of size k has k columns.
+  sizes = jnp.sum(up >= 0, axis=1)
+  variants = [functools.partial(_static_hits, size=k)
+              for k in range(1, protocol.MAX_KERNEL_SIZE + 1)]
+  return jax.lax.map(lambda example: jax.lax.switch(example[1] - 1, variants, example[0]),
+                     (bad, sizes))
 
 
 def _vectorised_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -402,8 +448,8 @@ def _cubic_taps(out_size: int, offset, scale, in_size) -> tuple[jax.Array, jax.A
 def _rgb_to_hsv(rgb: jax.Array) -> jax.Array:
   """TF's RGBToHSV kernel, operation for operation."""
   r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  value = jnp.max(rgb, axis=-1)
-  spread = value - jnp.min(rgb, axis=-1)
+  value = jnp.maximum(jnp.maximum(r, g), b)
+  spread = value - jnp.minimum(jnp.minimum(r, g), b)
   saturation = jnp.where(value > 0, spread / value, 0.0)
   norm = (1.0 / spread) * jnp.float32(1.0 / 6.0)
   hue = jnp.where(r == value, norm * (g - b),
@@ -464,15 +510,18 @@ def _size(batch: dict[str, jax.Array], which: int) -> jax.Array:
   return batch["sizes"][:, which, None, None]
 
 
-def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array, grid_rows: jax.Array,
-                   grid_cols: jax.Array) -> dict[str, jax.Array]:
+def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array,
+                   grid_rows: jax.Array | None, grid_cols: jax.Array | None
+                   ) -> dict[str, jax.Array]:
   """What lies at positions of the trimap grid: OpenCV's fixed-point warp (resize, affine
   and flip) onto the source, and the alphas there.
 
   Args:
     batch: a `collate`d batch.
     merge: (B,) bool, whether each example merges its two foregrounds.
-    grid_rows, grid_cols: (B, h, 1) and (B, 1, w) int32 positions.
+    grid_rows, grid_cols: (B, h, 1) and (B, 1, w) int32 positions, or None for every
+      row (column) of the canvas: the warp's row and column terms are then broadcast
+      rather than gathered.
 
   Returns:
     (B, h, w) arrays: `valid` (the warp lands on the source; elsewhere alpha 0, code 0),
@@ -480,11 +529,15 @@ def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array, grid_rows: jax
     `code2` (the two alphas' codes, 0 where not valid) and `code` (after the merge).
   """
   canvas_height, canvas_width = batch["warp_row_x"].shape[1], batch["warp_col_x"].shape[1]
+
+  def at(key, positions, axis):
+    if positions is None:
+      return jnp.expand_dims(batch[key], 2 - axis)
+    return _take(batch[key], positions)
+
   shift = protocol.WARP_BITS
-  src_x = (_take(batch["warp_row_x"], grid_rows)
-           + _take(batch["warp_col_x"], grid_cols)) >> shift
-  src_y = (_take(batch["warp_row_y"], grid_rows)
-           + _take(batch["warp_col_y"], grid_cols)) >> shift
+  src_x = (at("warp_row_x", grid_rows, 0) + at("warp_col_x", grid_cols, 1)) >> shift
+  src_y = (at("warp_row_y", grid_rows, 0) + at("warp_col_y", grid_cols, 1)) >> shift
   valid = ((src_x >= 0) & (src_x < _size(batch, 3)) & (src_y >= 0)
            & (src_y < _size(batch, 2)))
   source_rows = _take(batch["to_source_rows"], jnp.clip(src_y, 0, canvas_height - 1))
@@ -498,33 +551,79 @@ def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array, grid_rows: jax
           "code2": code2, "code": _merged_codes(merge[:, None, None], code1, code2)}
 
 
-def _grid_codes(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _merges(batch: dict[str, jax.Array], row_band: int | None = None) -> jax.Array:
+  """(B,) bool: the merge happens where drawn and some merged alpha of the source is
+  below 1 (the second alpha resized to the first's size). row_band: as `_grid_codes`;
+  the search in bands stops at the first band that has such a pixel."""
+  drawn = batch["flags"][:, 0] > 0
+  size = batch["alpha"].shape[0]
+  canvas_height = batch["second_rows"].shape[1]
+  cols = jnp.arange(batch["second_cols"].shape[1], dtype=jnp.int32)[None, None, :]
+
+  def below_one_in(first_row, num_rows):
+    rows = first_row + jnp.arange(num_rows, dtype=jnp.int32)[None, :, None]
+    in_source = (rows < _size(batch, 0)) & (cols < _size(batch, 1))
+    flat = rows * _size(batch, 1) + cols
+    alpha1 = _take(batch["alpha"], jnp.broadcast_to(flat, (size,) + flat.shape[1:]))
+    second_rows = jax.lax.dynamic_slice_in_dim(batch["second_rows"], first_row, num_rows,
+                                               axis=1)
+    alpha2 = _take(batch["alpha2"], second_rows[:, :, None] * _size(batch, 9)
+                   + batch["second_cols"][:, None, :])
+    below_one = ~_definite(_merged_codes(True, alpha1.astype(jnp.int32),
+                                         alpha2.astype(jnp.int32)))[0]
+    return jnp.any(in_source & below_one, axis=(1, 2))
+
+  def search():
+    if row_band is None:
+      return below_one_in(0, canvas_height)
+    num_bands = -(-jnp.max(batch["sizes"][:, 0]) // row_band)
+    _, found = jax.lax.while_loop(
+        lambda state: (state[0] < num_bands) & ~jnp.all(state[1]),
+        lambda state: (state[0] + 1, state[1] | below_one_in(state[0] * row_band, row_band)),
+        (jnp.int32(0), ~drawn))
+    return found
+
+  return drawn & jax.lax.cond(jnp.any(drawn), search, lambda: jnp.zeros_like(drawn))
+
+
+def _grid_codes(batch: dict[str, jax.Array], row_band: int | None = None
+                ) -> dict[str, jax.Array]:
   """Steps 1-4 of a batch: whether each example merges, and the pixels of its trimap
   grid that erode the definite foreground and background, (B, H, W / 32) packed
-  (`_hits`' input)."""
-  size, canvas_height = batch["sizes"].shape[0], batch["warp_row_x"].shape[1]
-  canvas_width = batch["warp_col_x"].shape[1]
-  rows = jnp.broadcast_to(jnp.arange(canvas_height, dtype=jnp.int32)[None, :, None],
-                          (size, canvas_height, 1))
-  cols = jnp.broadcast_to(jnp.arange(canvas_width, dtype=jnp.int32)[None, None, :],
-                          (size, 1, canvas_width))
+  (`_hits`' input).
 
-  # 1. The merge happens where drawn and some merged alpha of the source is below 1.
-  in_source = (rows < _size(batch, 0)) & (cols < _size(batch, 1))
-  alpha1 = _take(batch["alpha"], jnp.broadcast_to(rows * _size(batch, 1) + cols,
-                                                  (size, canvas_height, canvas_width)))
-  alpha2 = _take(batch["alpha2"], batch["second_rows"][:, :, None] * _size(batch, 9)
-                 + batch["second_cols"][:, None, :])
-  below_one = ~_definite(_merged_codes(True, alpha1.astype(jnp.int32),
-                                       alpha2.astype(jnp.int32)))[0]
-  merge = (batch["flags"][:, 0] > 0) & jnp.any(in_source & below_one, axis=(1, 2))
+  row_band: None warps and packs the whole canvas in one pass; a number of rows (a
+  divisor of the canvas height) does it that many rows at a time, and only as far down
+  as the batch's tallest trimap grid (below it nothing erodes): one example on a canvas
+  sized for the batch's largest then costs what its own rows do.
+  """
+  merge = _merges(batch, row_band)
+  canvas_height, canvas_width = batch["warp_row_x"].shape[1], batch["warp_col_x"].shape[1]
+  cols = jnp.arange(canvas_width, dtype=jnp.int32)[None, None, :]
+  size = batch["sizes"].shape[0]
 
-  # 2-4. Resize, affine and flip.
-  code = _source_pixels(batch, merge, rows, cols)["code"]
-  in_grid = (rows < _size(batch, 2)) & (cols < _size(batch, 3))
-  definite_fg, definite_bg = _definite(code)
-  return {"merge": merge, "bad_fg": _pack_columns(in_grid & ~definite_fg),
-          "bad_bg": _pack_columns(in_grid & ~definite_bg)}
+  def packed(first_row, num_rows):  # 2-4. Resize, affine and flip, of num_rows rows.
+    rows = jnp.broadcast_to(first_row + jnp.arange(num_rows, dtype=jnp.int32)[None, :, None],
+                            (size, num_rows, 1))
+    code = _source_pixels(batch, merge, rows, None)["code"]
+    in_grid = (rows < _size(batch, 2)) & (cols < _size(batch, 3))
+    definite_fg, definite_bg = _definite(code)
+    return _pack_columns(in_grid & ~definite_fg, in_grid & ~definite_bg)
+
+  if row_band is None:
+    bad_fg, bad_bg = packed(0, canvas_height)
+  else:
+    def add_band(band, words):
+      return tuple(jax.lax.dynamic_update_slice_in_dim(w, b, band * row_band, axis=1)
+                   for w, b in zip(words, packed(band * row_band, row_band)))
+
+    # The first band, padded with zeros, starts the canvas (zeros made apart from the
+    # batch would not vary over the devices of a shard_map).
+    first = tuple(jnp.pad(words, ((0, 0), (0, canvas_height - row_band), (0, 0)))
+                  for words in packed(0, row_band))
+    bad_fg, bad_bg = jax.lax.fori_loop(1, -(-jnp.max(batch["sizes"][:, 2]) // row_band),
+                                       add_band, first)
+  return {"merge": merge, "bad_fg": bad_fg, "bad_bg": bad_bg}
 
 
 def _crop_position(ex: dict[str, jax.Array], hits_fg: jax.Array, hits_bg: jax.Array,
@@ -630,9 +729,11 @@ def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
     background = jax.lax.dynamic_slice(background, (start_row, start_col, 0),
                                        sides + background.shape[2:])
     tap_rows, tap_cols = tap_rows - start_row, tap_cols - start_col
-  background = background.astype(jnp.float32)
-  by_rows = jnp.einsum("ot,otwc->owc", row_weights, background[tap_rows])
-  bg = jnp.einsum("pt,optc->opc", col_weights, by_rows[:, tap_cols])
+  # Each pass sums its four taps' terms in the taps' order, in one loop over its output
+  # (a product with the gathered taps would first write them all, 4x the output).
+  by_rows = sum(row_weights[:, t, None, None] * background[tap_rows[:, t]].astype(jnp.float32)
+                for t in range(4))
+  bg = sum(col_weights[None, :, t, None] * by_rows[:, tap_cols[:, t]] for t in range(4))
   # 8-bit values: divided by 255 through the table (XLA turns x / 255 into x * (1 / 255),
   # which is not always the reference's correctly rounded quotient).
   return value_table[jnp.clip(jnp.round(bg), 0.0, 255.0).astype(jnp.int32)]
@@ -665,7 +766,8 @@ def _compose_examples(batch, crop_size, per_example=None):
 
   def one_by_one(batch):
     examples = jax.tree.map(lambda x: x[:, None], batch)
-    composited = jax.lax.map(together, examples)
+    row_band = math.gcd(batch["warp_row_x"].shape[1], _ROW_BAND)
+    composited = jax.lax.map(functools.partial(together, row_band=row_band), examples)
     return jax.tree.map(lambda x: x[:, 0], composited)
 
   if per_example is None:
@@ -673,10 +775,10 @@ def _compose_examples(batch, crop_size, per_example=None):
   return one_by_one(batch) if per_example else together(batch)
 
 
-def _compose_together(batch, crop_size):
+def _compose_together(batch, crop_size, row_band=None):
   # The table is a constant of the compiled executor, not an argument sent every batch.
   value_table = jnp.asarray(_alpha_values())
-  grid = _grid_codes(batch)
+  grid = _grid_codes(batch, row_band)
   columns = batch["kernel_columns"]
   # Both erosions in one loop over the examples. The barriers keep XLA from fusing the
   # packing into each of the erosion's 58 reads of its levels (it would repeat it).

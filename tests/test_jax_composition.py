@@ -160,7 +160,7 @@ def test_packed_erosion_is_opencvs_for_every_kernel_size():
   inside = np.zeros(canvas, bool)
   inside[:height, :width] = True
   columns = np.stack([np.stack(jax_composition._kernel_columns(k)) for k in sizes])
-  bad = jax.vmap(jax_composition._pack_columns)(inside & ~definite)
+  (bad,) = jax.vmap(jax_composition._pack_columns)(inside & ~definite)
   # The CPU's loop over the examples and the accelerators' vmapped form.
   for hits in (jax_composition._looped_hits, jax_composition._vectorised_hits):
     eroded = ~np.asarray(jax.vmap(jax_composition._unpack_columns)(
