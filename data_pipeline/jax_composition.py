@@ -359,34 +359,36 @@ def _example_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   return hit
 
 
-def _static_hits(bad: jax.Array, size: int) -> jax.Array:
-  """`_example_hits` for a kernel size known when tracing: (H, W / 32) uint32 words.
-
-  The same union of columns, with every level and shift fixed: the words are padded
-  once (rows for the levels, a zero word on each side for the shifts), so every read is
-  a static slice and XLA emits one plain loop over the words (on CPU ~30x faster than
-  the dynamically indexed levels), and a small kernel builds only the levels it reaches.
-  """
-  up, down = _kernel_columns(size)
-  reach_up, reach_down = int(up.max()), int(down.max())
+def _levels(bad: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
+  """(above, below): above[t] is the OR of each word's row and the t rows above it
+  (below[u]: below it), t, u = 0..14, each (H, W / 32 + 2): a zero word on each side,
+  so that every column shift reads static slices."""
   height = bad.shape[0]
-  padded = jnp.pad(bad, ((reach_up, reach_down), (1, 1)))
-  above = [padded[reach_up:reach_up + height]]
+  padded = jnp.pad(bad, ((_HALF_SPAN, _HALF_SPAN), (1, 1)))
+  above = [padded[_HALF_SPAN:_HALF_SPAN + height]]
   below = [above[0]]
-  for reach in range(1, reach_up + 1):
-    above.append(above[-1] | padded[reach_up - reach:reach_up - reach + height])
-  for reach in range(1, reach_down + 1):
-    below.append(below[-1] | padded[reach_up + reach:reach_up + reach + height])
-  hit = jnp.zeros_like(bad)
+  for reach in range(1, _HALF_SPAN + 1):
+    above.append(above[-1] | padded[_HALF_SPAN - reach:_HALF_SPAN - reach + height])
+    below.append(below[-1] | padded[_HALF_SPAN + reach:_HALF_SPAN + reach + height])
+  return above, below
+
+
+def _static_hits(above: list[jax.Array], below: list[jax.Array], size: int) -> jax.Array:
+  """`_example_hits` for a kernel size known when tracing, from its `_levels`: every
+  level and shift fixed, so every read is a static slice and XLA emits one plain loop
+  over the words (on CPU ~30x faster than the dynamically indexed levels)."""
+  up, down = _kernel_columns(size)
+  hit = None
   for i in np.flatnonzero(up >= 0):
     column = above[up[i]] | below[down[i]]
     offset = int(i) - _HALF_SPAN
     if offset == 0:
-      hit |= column[:, 1:-1]
+      term = column[:, 1:-1]
     elif offset > 0:
-      hit |= (column[:, 1:-1] >> offset) | (column[:, 2:] << (_WORD_BITS - offset))
+      term = (column[:, 1:-1] >> offset) | (column[:, 2:] << (_WORD_BITS - offset))
     else:
-      hit |= (column[:, 1:-1] << -offset) | (column[:, :-2] >> (_WORD_BITS + offset))
+      term = (column[:, 1:-1] << -offset) | (column[:, :-2] >> (_WORD_BITS + offset))
+    hit = term if hit is None else hit | term
   return hit
 
 
@@ -419,8 +421,8 @@ def _looped_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   sizes = jnp.sum(up >= 0, axis=1)
   variants = [functools.partial(_static_hits, size=k)
               for k in range(1, protocol.MAX_KERNEL_SIZE + 1)]
-  return jax.lax.map(lambda example: jax.lax.switch(example[1] - 1, variants, example[0]),
-                     (bad, sizes))
+  return jax.lax.map(lambda example: jax.lax.switch(example[1] - 1, variants,
+                                                    *_levels(example[0])), (bad, sizes))
 
 
 def _vectorised_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
