@@ -705,13 +705,15 @@ def _crop_pixels(batch: dict[str, jax.Array], merge: jax.Array, hits_fg: jax.Arr
 
 
 def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
-                    value_table: jax.Array, crop_size: int, window: int | None
-                    ) -> jax.Array:
+                    value_table: jax.Array, crop_size: int, window: int | None,
+                    backgrounds: jax.Array, index: jax.Array) -> jax.Array:
   """Step 7's background of one example: a crop of the enlarged background, or (where
   nothing is unknown) all of it resized to the crop; (crop, crop, 3) float32 in [0, 1].
 
-  `window`: None, or a side that holds every tap of the crop (only where every example
-  crops): the taps then read a window of the background instead of whole rows.
+  `backgrounds`: (N, H, W, 3), the example's at `index` (read where needed, not copied
+  whole first). `window`: None, or a side that holds every tap of the crop (only where
+  every example crops): the taps then read a window of the background instead of whole
+  rows.
   """
   has_unknown, top, left = (decisions["has_unknown"], decisions["top"], decisions["left"])
   scales = ex["bg_scales"]
@@ -721,15 +723,16 @@ def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
   offset_x = jnp.where(has_unknown, left, 0).astype(jnp.float32)
   tap_rows, row_weights = _cubic_taps(crop_size, offset_y, scale_y, ex["sizes"][6])
   tap_cols, col_weights = _cubic_taps(crop_size, offset_x, scale_x, ex["sizes"][7])
-  background = ex["background"]
-  if window is not None:
+  if window is None:
+    background = jax.lax.dynamic_index_in_dim(backgrounds, index, keepdims=False)
+  else:
     # Taps increase with the output index; the slice's start is moved back where the
     # window would leave the canvas, and the taps are read relative to it.
-    sides = tuple(min(window, side) for side in background.shape[:2])
-    start_row = jnp.minimum(tap_rows[0, 0], background.shape[0] - sides[0])
-    start_col = jnp.minimum(tap_cols[0, 0], background.shape[1] - sides[1])
-    background = jax.lax.dynamic_slice(background, (start_row, start_col, 0),
-                                       sides + background.shape[2:])
+    sides = tuple(min(window, side) for side in backgrounds.shape[1:3])
+    start_row = jnp.minimum(tap_rows[0, 0], backgrounds.shape[1] - sides[0])
+    start_col = jnp.minimum(tap_cols[0, 0], backgrounds.shape[2] - sides[1])
+    background = jax.lax.dynamic_slice(backgrounds, (index, start_row, start_col, 0),
+                                       (1,) + sides + backgrounds.shape[3:])[0]
     tap_rows, tap_cols = tap_rows - start_row, tap_cols - start_col
   # Each pass sums its four taps' terms in the taps' order, in one loop over its output
   # (a product with the gathered taps would first write them all, 4x the output).
@@ -742,15 +745,16 @@ def _background_one(ex: dict[str, jax.Array], decisions: dict[str, jax.Array],
 
 
 def _finish_one(ex: dict[str, jax.Array], crop: dict[str, jax.Array], bg: jax.Array,
-                value_table: jax.Array) -> dict[str, jax.Array]:
+                value_table: jax.Array, every_jitters: bool) -> dict[str, jax.Array]:
   """Steps 7-8 of one example: the HSV jitter (not of a crop without foreground) and the
-  composite."""
+  composite. `every_jitters`: known to jitter (the unjittered values are not computed)."""
   fg, alpha_crop = crop["fg"], crop["alpha"]
   scales = ex["bg_scales"]
   jitter = jnp.any(alpha_crop != 0.0)
   jittered = jnp.clip(_hsv_jitter(fg, alpha_crop, ex["flags"][1], scales[4], scales[5]),
                       0.0, 255.0) / 255.0
-  fg = jnp.where(jitter, jittered, value_table[fg.astype(jnp.int32)])
+  fg = jittered if every_jitters else jnp.where(jitter, jittered,
+                                                value_table[fg.astype(jnp.int32)])
   alpha_crop = jnp.clip(alpha_crop, 0.0, 1.0)[..., None]
   return {"image": fg * alpha_crop + bg * (1.0 - alpha_crop), "fg": fg, "bg": bg,
           "alpha": alpha_crop, "trimap": crop["trimap"],
@@ -767,9 +771,13 @@ def _compose_examples(batch, crop_size, per_example=None):
   together = functools.partial(_compose_together, crop_size=crop_size)
 
   def one_by_one(batch):
-    examples = jax.tree.map(lambda x: x[:, None], batch)
+    backgrounds = batch["background"]
+    examples = {k: v[:, None] for k, v in batch.items() if k != "background"}
     row_band = math.gcd(batch["warp_row_x"].shape[1], _ROW_BAND)
-    composited = jax.lax.map(functools.partial(together, row_band=row_band), examples)
+    composited = jax.lax.map(
+        lambda example: together(example[0], row_band=row_band, backgrounds=backgrounds,
+                                 first=example[1]),
+        (examples, jnp.arange(backgrounds.shape[0], dtype=jnp.int32)))
     return jax.tree.map(lambda x: x[:, 0], composited)
 
   if per_example is None:
@@ -777,9 +785,14 @@ def _compose_examples(batch, crop_size, per_example=None):
   return one_by_one(batch) if per_example else together(batch)
 
 
-def _compose_together(batch, crop_size, row_band=None):
+def _compose_together(batch, crop_size, row_band=None, backgrounds=None, first=0):
+  """The batch's examples, all at once; their backgrounds are `backgrounds[first:]`
+  (default: the batch's own)."""
   # The table is a constant of the compiled executor, not an argument sent every batch.
   value_table = jnp.asarray(_alpha_values())
+  if backgrounds is None:
+    backgrounds = batch["background"]
+  indices = first + jnp.arange(batch["sizes"].shape[0], dtype=jnp.int32)
   grid = _grid_codes(batch, row_band)
   columns = batch["kernel_columns"]
   # Both erosions in one loop over the examples. The barriers keep XLA from fusing the
@@ -795,17 +808,25 @@ def _compose_together(batch, crop_size, row_band=None):
                        position["cols"], value_table)
   crops["decisions"] = dict(position["decisions"], merge=grid["merge"])
 
-  def backgrounds(window):
+  def composited_backgrounds(window):
     return jax.vmap(
-        lambda ex, d: _background_one(ex, d, value_table, crop_size, window)
-    )(batch, crops["decisions"])
+        lambda ex, d, i: _background_one(ex, d, value_table, crop_size, window,
+                                         backgrounds, i)
+    )(batch, crops["decisions"], indices)
 
   # Where every example crops (nearly always), the taps of a crop of the enlarged
   # background (never shrunk) span at most crop + 5 rows and columns.
   bg = jax.lax.cond(jnp.all(crops["decisions"]["has_unknown"]),
-                    lambda: backgrounds(crop_size + 8), lambda: backgrounds(None))
-  return jax.vmap(lambda ex, crop, b: _finish_one(ex, crop, b, value_table)
-                  )(batch, crops, bg)
+                    lambda: composited_backgrounds(crop_size + 8),
+                    lambda: composited_backgrounds(None))
+
+  def finished(every_jitters):
+    return jax.vmap(lambda ex, crop, b: _finish_one(ex, crop, b, value_table, every_jitters)
+                    )(batch, crops, bg)
+
+  # Nearly every crop has foreground, and jitters.
+  return jax.lax.cond(jnp.all(jnp.any(crops["alpha"] != 0.0, axis=(1, 2))),
+                      lambda: finished(True), lambda: finished(False))
 
 
 _compose = jax.jit(_compose_examples, static_argnames=("crop_size", "per_example"))
