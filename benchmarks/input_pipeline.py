@@ -15,7 +15,7 @@ baseline runs in a multiprocessing pool with one worker per core, the way the au
 DataLoader runs; its workers return only a checksum, so it is not charged for handing the
 arrays back (ours is: it yields NumPy batches). Prints one table.
 
-  python benchmarks/input_pipeline.py [--samples 64] [--crop 512] [--gpu-tflops 100]
+  python benchmarks/input_pipeline.py [--samples 256] [--crop 512] [--gpu-tflops 100]
 
 --gpu-tflops T also prints how many samples/s a GPU sustaining T TFLOP/s on the A2U
 network's training step consumes (FLOPs per crop from XLA's cost analysis of one
@@ -185,7 +185,8 @@ def training_step_flops(crop: int) -> float:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--samples", type=int, default=64, help="samples timed per row")
+  parser.add_argument("--samples", type=int, default=256,
+                      help="samples timed per row (fewer: a noisier rate)")
   parser.add_argument("--crop", type=int, default=512)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--min-size", type=int, default=1000,
