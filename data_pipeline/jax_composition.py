@@ -328,41 +328,10 @@ def _unpack_columns(words: jax.Array) -> jax.Array:
   return bits.astype(bool).reshape(height, num_words * _WORD_BITS)
 
 
-def _shift_columns(words: jax.Array, offset: int) -> jax.Array:
-  """Packed rows read `offset` columns to the right: out(x) = in(x + offset), zeros
-  shifted in at the ends."""
-  if offset == 0:
-    return words
-  zeros = jnp.zeros_like(words[:, :1])
-  if offset > 0:
-    following = jnp.concatenate([words[:, 1:], zeros], axis=1)
-    return (words >> offset) | (following << (_WORD_BITS - offset))
-  preceding = jnp.concatenate([zeros, words[:, :-1]], axis=1)
-  return (words << -offset) | (preceding >> (_WORD_BITS + offset))
-
-
-def _example_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-  """`_hits` of one example: (H, W / 32) uint32 words and its (29,) kernel columns."""
-  height = bad.shape[0]
-  padded = jnp.pad(bad, ((_HALF_SPAN, _HALF_SPAN), (0, 0)))
-  above, below = [bad], [bad]
-  for reach in range(1, _HALF_SPAN + 1):
-    above.append(above[-1] | padded[_HALF_SPAN - reach:_HALF_SPAN - reach + height])
-    below.append(below[-1] | padded[_HALF_SPAN + reach:_HALF_SPAN + reach + height])
-  above, below = jnp.stack(above), jnp.stack(below)
-  hit = jnp.zeros_like(bad)
-  for i in range(_OFFSETS):  # column offset i - _HALF_SPAN
-    column = (jax.lax.dynamic_index_in_dim(above, jnp.maximum(up[i], 0), keepdims=False)
-              | jax.lax.dynamic_index_in_dim(below, jnp.maximum(down[i], 0),
-                                             keepdims=False))
-    hit |= _shift_columns(jnp.where(up[i] >= 0, column, jnp.uint32(0)), i - _HALF_SPAN)
-  return hit
-
-
 def _levels(bad: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
   """(above, below): above[t] is the OR of each word's row and the t rows above it
   (below[u]: below it), t, u = 0..14, each (H, W / 32 + 2): a zero word on each side,
-  so that every column shift reads static slices."""
+  so that every column shift (`_read_right`) reads static slices."""
   height = bad.shape[0]
   padded = jnp.pad(bad, ((_HALF_SPAN, _HALF_SPAN), (1, 1)))
   above = [padded[_HALF_SPAN:_HALF_SPAN + height]]
@@ -373,23 +342,37 @@ def _levels(bad: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
   return above, below
 
 
+def _read_right(words: jax.Array, offset: int) -> jax.Array:
+  """Packed rows with a zero word on each side (H, W / 32 + 2) read `offset` columns to
+  the right, -14..14: out(x) = in(x + offset), (H, W / 32)."""
+  if offset == 0:
+    return words[:, 1:-1]
+  if offset > 0:
+    return (words[:, 1:-1] >> offset) | (words[:, 2:] << (_WORD_BITS - offset))
+  return (words[:, 1:-1] << -offset) | (words[:, :-2] >> (_WORD_BITS + offset))
+
+
+def _example_hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  """`_hits` of one example: (H, W / 32) uint32 words and its (29,) kernel columns,
+  each column picking its levels by dynamic index."""
+  above, below = (jnp.stack(levels) for levels in _levels(bad))
+  hit = jnp.zeros_like(bad)
+  for i in range(_OFFSETS):  # column offset i - _HALF_SPAN
+    column = (jax.lax.dynamic_index_in_dim(above, jnp.maximum(up[i], 0), keepdims=False)
+              | jax.lax.dynamic_index_in_dim(below, jnp.maximum(down[i], 0),
+                                             keepdims=False))
+    hit |= _read_right(jnp.where(up[i] >= 0, column, jnp.uint32(0)), i - _HALF_SPAN)
+  return hit
+
+
 def _static_hits(above: list[jax.Array], below: list[jax.Array], size: int) -> jax.Array:
   """`_example_hits` for a kernel size known when tracing, from its `_levels`: every
   level and shift fixed, so every read is a static slice and XLA emits one plain loop
   over the words (on CPU ~30x faster than the dynamically indexed levels)."""
   up, down = _kernel_columns(size)
-  hit = None
-  for i in np.flatnonzero(up >= 0):
-    column = above[up[i]] | below[down[i]]
-    offset = int(i) - _HALF_SPAN
-    if offset == 0:
-      term = column[:, 1:-1]
-    elif offset > 0:
-      term = (column[:, 1:-1] >> offset) | (column[:, 2:] << (_WORD_BITS - offset))
-    else:
-      term = (column[:, 1:-1] << -offset) | (column[:, :-2] >> (_WORD_BITS + offset))
-    hit = term if hit is None else hit | term
-  return hit
+  terms = [_read_right(above[up[i]] | below[down[i]], int(i) - _HALF_SPAN)
+           for i in np.flatnonzero(up >= 0)]
+  return functools.reduce(jnp.bitwise_or, terms)
 
 
 def _hits(bad: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -512,18 +495,16 @@ def _size(batch: dict[str, jax.Array], which: int) -> jax.Array:
   return batch["sizes"][:, which, None, None]
 
 
-def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array,
-                   grid_rows: jax.Array | None, grid_cols: jax.Array | None
-                   ) -> dict[str, jax.Array]:
+def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array, grid_rows: jax.Array,
+                   grid_cols: jax.Array | None) -> dict[str, jax.Array]:
   """What lies at positions of the trimap grid: OpenCV's fixed-point warp (resize, affine
   and flip) onto the source, and the alphas there.
 
   Args:
     batch: a `collate`d batch.
     merge: (B,) bool, whether each example merges its two foregrounds.
-    grid_rows, grid_cols: (B, h, 1) and (B, 1, w) int32 positions, or None for every
-      row (column) of the canvas: the warp's row and column terms are then broadcast
-      rather than gathered.
+    grid_rows, grid_cols: (B, h, 1) and (B, 1, w) int32 positions; grid_cols None: every
+      column of the canvas (the warp's column terms are then broadcast, not gathered).
 
   Returns:
     (B, h, w) arrays: `valid` (the warp lands on the source; elsewhere alpha 0, code 0),
@@ -532,14 +513,12 @@ def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array,
   """
   canvas_height, canvas_width = batch["warp_row_x"].shape[1], batch["warp_col_x"].shape[1]
 
-  def at(key, positions, axis):
-    if positions is None:
-      return jnp.expand_dims(batch[key], 2 - axis)
-    return _take(batch[key], positions)
+  def at_columns(key):
+    return batch[key][:, None, :] if grid_cols is None else _take(batch[key], grid_cols)
 
   shift = protocol.WARP_BITS
-  src_x = (at("warp_row_x", grid_rows, 0) + at("warp_col_x", grid_cols, 1)) >> shift
-  src_y = (at("warp_row_y", grid_rows, 0) + at("warp_col_y", grid_cols, 1)) >> shift
+  src_x = (_take(batch["warp_row_x"], grid_rows) + at_columns("warp_col_x")) >> shift
+  src_y = (_take(batch["warp_row_y"], grid_rows) + at_columns("warp_col_y")) >> shift
   valid = ((src_x >= 0) & (src_x < _size(batch, 3)) & (src_y >= 0)
            & (src_y < _size(batch, 2)))
   source_rows = _take(batch["to_source_rows"], jnp.clip(src_y, 0, canvas_height - 1))
@@ -551,6 +530,11 @@ def _source_pixels(batch: dict[str, jax.Array], merge: jax.Array,
   code2 = jnp.where(valid, _take(batch["alpha2"], second), 0).astype(jnp.int32)
   return {"valid": valid, "first": first, "second": second, "code1": code1,
           "code2": code2, "code": _merged_codes(merge[:, None, None], code1, code2)}
+
+
+def _bands_down_to(batch: dict[str, jax.Array], which: int, row_band: int) -> jax.Array:
+  """How many bands of row_band rows cover the batch's largest height `sizes[which]`."""
+  return -(-jnp.max(batch["sizes"][:, which]) // row_band)
 
 
 def _merges(batch: dict[str, jax.Array], row_band: int | None = None) -> jax.Array:
@@ -578,7 +562,7 @@ def _merges(batch: dict[str, jax.Array], row_band: int | None = None) -> jax.Arr
   def search():
     if row_band is None:
       return below_one_in(0, canvas_height)
-    num_bands = -(-jnp.max(batch["sizes"][:, 0]) // row_band)
+    num_bands = _bands_down_to(batch, 0, row_band)
     _, found = jax.lax.while_loop(
         lambda state: (state[0] < num_bands) & ~jnp.all(state[1]),
         lambda state: (state[0] + 1, state[1] | below_one_in(state[0] * row_band, row_band)),
@@ -623,8 +607,8 @@ def _grid_codes(batch: dict[str, jax.Array], row_band: int | None = None
     # batch would not vary over the devices of a shard_map).
     first = tuple(jnp.pad(words, ((0, 0), (0, canvas_height - row_band), (0, 0)))
                   for words in packed(0, row_band))
-    bad_fg, bad_bg = jax.lax.fori_loop(1, -(-jnp.max(batch["sizes"][:, 2]) // row_band),
-                                       add_band, first)
+    bad_fg, bad_bg = jax.lax.fori_loop(1, _bands_down_to(batch, 2, row_band), add_band,
+                                       first)
   return {"merge": merge, "bad_fg": bad_fg, "bad_bg": bad_bg}
 
 
