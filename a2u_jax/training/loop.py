@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -31,68 +30,27 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from a2u_jax import checkpointing, distributed, inputs
-from a2u_jax import metrics as matting_metrics, models, parallel, predict, sad_rules
+from a2u_jax import distributed, inputs
+from a2u_jax import metrics as matting_metrics, parallel, predict, sad_rules
+from a2u_jax.training import bookkeeping, config_checks
 from a2u_jax.training import state as state_lib
 from a2u_jax.training import steps
 from a2u_jax.training import workdir as workdir_lib
-from data_pipeline.files import NETWORK_STRIDE
 
-METRICS_FILE = "metrics.jsonl"
 # Model checkpoints (checkpointing.load_model_checkpoint) in the workdir: the final model,
 # and the one with the best validation SAD so far. checkpoints/ and best/ hold whole
 # training states, for resuming.
 MODEL_DIR = "model"
 BEST_MODEL_DIR = "best_model"
-# "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
-# "numpy": data_pipeline.SyntheticStream (synthetic data only; no TensorFlow).
-# "jax": data_pipeline.jax_pipeline (the protocol composited on the accelerator; no
-# TensorFlow; every source).
-PIPELINES = ("tf", "numpy", "jax")
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or the gradient stopped being finite."""
-
-
-class PendingMetrics:
-  """The metrics of the steps since the last read, left on the device.
-
-  Reading them (`read`) waits for those steps, so the loop reads only where it needs the
-  numbers: at log steps, and before anything that must not follow a non-finite step
-  (a checkpoint, validation, image summaries, a stop).
-  """
-
-  def __init__(self):
-    self._steps: list[tuple[int, dict[str, jax.Array]]] = []
-
-  def __len__(self) -> int:
-    return len(self._steps)
-
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    """Keeps step `step`'s metrics (device arrays, "finite" among them) unread."""
-    self._steps.append((step, metrics))
-
-  def read(self, last_checkpoint: int | None) -> dict[str, float]:
-    """The latest step's metrics as floats ("finite" dropped); forgets the rest.
-
-    Raises NonFiniteError naming the first pending step whose loss or gradient norm was not
-    finite (that step left the state unchanged; `last_checkpoint` is the run's latest).
-    """
-    steps, self._steps = self._steps, []
-    if not steps:
-      raise ValueError("PendingMetrics.read: no step since the last read")
-    for step, metrics in parallel.DataParallel.get(steps):
-      if not metrics["finite"]:
-        raise NonFiniteError(
-            f"step {step}: the loss ({float(metrics['loss'])}) or the gradient norm "
-            f"({float(metrics['grad_norm'])}) is not finite; that step did not update the "
-            f"state, and no checkpoint was written after it (the last one is step "
-            f"{last_checkpoint}). Lower config.learning_rate or check the data.")
-    return {key: float(value) for key, value in metrics.items() if key != "finite"}
+# train.py and the tests reach these through the loop (the private ones by the names they
+# had when they were defined here).
+NonFiniteError, PendingMetrics = bookkeeping.NonFiniteError, bookkeeping.PendingMetrics
+num_train_steps = config_checks.num_train_steps
+_Logger, _restore = bookkeeping.Logger, bookkeeping.restore
+_truncate_metrics, _validation_interval = (bookkeeping.truncate_metrics,
+                                           config_checks.validation_interval)
 
 
 class Interrupted(Exception):
@@ -137,158 +95,6 @@ class _StopRequests:
       signal.signal(number, handler)
 
 
-def num_train_steps(config: ml_collections.ConfigDict) -> int:
-  if config.num_train_steps >= 0:
-    return int(config.num_train_steps)
-  return int(config.num_epochs * config.steps_per_epoch)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, naming the field, on values that would fail (or mislead) later."""
-  def positive(name):
-    value = config[name]
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-
-  for name in ("batch_size", "crop_size", "steps_per_epoch", "log_every",
-               "checkpoint_every", "keep_checkpoints"):
-    positive(name)
-  total = config.num_train_steps
-  if not isinstance(total, int) or isinstance(total, bool) or total < -1:
-    raise ValueError(f"config.num_train_steps must be >= 0, or -1 for num_epochs * "
-                     f"steps_per_epoch, got {total!r}")
-  if config.crop_size % NETWORK_STRIDE:
-    raise ValueError(f"config.crop_size must be a multiple of {NETWORK_STRIDE}, got "
-                     f"{config.crop_size}")
-  devices = jax.device_count()
-  if config.batch_size % devices:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{devices} devices")
-  if config.dtype not in state_lib.COMPUTE_DTYPES:
-    raise ValueError(f"config.dtype must be one of {', '.join(state_lib.COMPUTE_DTYPES)}, "
-                     f"got {config.dtype!r}")
-  if config.dtype == "float64" and not jax.config.jax_enable_x64:
-    raise ValueError("config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1")
-  if config.model.resampler not in models.RESAMPLERS:
-    raise ValueError(f"config.model.resampler must be one of {', '.join(models.RESAMPLERS)}, "
-                     f"got {config.model.resampler!r}")
-  try:
-    state_lib.model_from_config(config).family()
-  except ValueError as error:
-    hint = ""
-    if "unknown option" in str(error):  # e.g. --config.model.resampler changed alone
-      hint = (f" (the options must be {config.model.resampler!r}'s: configs/resampler.py:"
-              f"{config.model.resampler} lists them with their defaults)")
-    raise ValueError(f"config.model.resampler_options: {error}{hint}") from None
-  if not config.learning_rate > 0:
-    raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-  if config.data.pipeline not in PIPELINES:
-    raise ValueError(f"config.data.pipeline must be one of {', '.join(PIPELINES)}, got "
-                     f"{config.data.pipeline!r}")
-  if config.data.pipeline == "numpy" and config.data.source != "synthetic":
-    raise ValueError(f"config.data.pipeline='numpy' has only the synthetic source, got "
-                     f"config.data.source={config.data.source!r}: real data goes through "
-                     f"the JAX pipeline (--config.data.pipeline=jax) or the tf.data one "
-                     f"(--config.data.pipeline=tf, with pip install 'a2u-jax[train]')")
-  accepted = _source_options(config)
-  foreign = [key for key in config.data.options if accepted is not None and key not in accepted]
-  if foreign:
-    raise ValueError(
-        f"config.data.options: data source {config.data.source!r} does not take "
-        f"{', '.join(foreign)} (it takes {', '.join(accepted)}); these are another "
-        f"source's options: start from a config made for this source (for synthetic data "
-        f"configs/smoke.py, or configs/resampler.py:NAME,synthetic for an operator)")
-  for key, value in config.data.options.items():
-    if value is None:
-      raise ValueError(f"config.data.options.{key} must be set for data source "
-                       f"{config.data.source!r} (e.g. --config.data.options.{key}=PATH)")
-  path = config.init.torchvision_resnet34
-  if path and not os.access(path, os.R_OK):
-    raise ValueError(f"config.init.torchvision_resnet34: cannot read {path}")
-  _validate_ranges(config)
-  _validate_validation(config)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
-def _validate_ranges(config: ml_collections.ConfigDict) -> None:
-  """The numeric fields' ranges, each named (the counts are checked above)."""
-  def number(name, value, ok, rule):
-    if not _is_number(value) or not ok(value):
-      raise ValueError(f"config.{name} must be {rule}, got {value!r}")
-
-  number("seed", config.seed, lambda v: _is_int(v) and 0 <= v < 2**32,
-         "an integer in [0, 2**32)")
-  number("model.dropout_rate", config.model.dropout_rate, lambda v: 0 <= v < 1,
-         "in [0, 1) (the fraction of activations dropped)")
-  number("encoder_lr_divisor", config.encoder_lr_divisor, lambda v: v > 0, "> 0")
-  number("decay_factor", config.decay_factor, lambda v: 0 < v <= 1, "in (0, 1]")
-  number("num_epochs", config.num_epochs, lambda v: v >= 0, ">= 0")
-  number("image_summary_every", config.image_summary_every, lambda v: _is_int(v) and v >= 0,
-         "an integer >= 0 (0: no image summaries)")
-  decay = config.decay_epochs
-  if not isinstance(decay, (tuple, list)) or not all(_is_number(v) and v >= 0 for v in decay):
-    raise ValueError(f"config.decay_epochs must be a list of epochs >= 0, got {decay!r}")
-
-
-def _validate_validation(config: ml_collections.ConfigDict) -> None:
-  """Every config.validation field, at start-up (a run must not train for hours and then
-  fail in its first validation)."""
-  import inspect
-
-  _validation_interval(config)
-  validation = config.validation
-  size = validation.batch_size
-  if not _is_int(size) or size <= 0:
-    raise ValueError(f"config.validation.batch_size must be a positive integer, got {size!r}")
-  if validation.sad_rule not in sad_rules.SAD_RULES:
-    raise ValueError(f"config.validation.sad_rule must be one of "
-                     f"{', '.join(sad_rules.SAD_RULES)}, got {validation.sad_rule!r}")
-  readers = _validation_readers()
-  if validation.source == "composition1k":
-    return  # reads config.validation.data_dir (checked where it is read)
-  if validation.source not in readers:
-    raise ValueError(f"config.validation.source must be one of composition1k, "
-                     f"{', '.join(readers)}, got {validation.source!r}")
-  parameters = inspect.signature(readers[validation.source]).parameters
-  foreign = [key for key in validation.options if key not in parameters]
-  if foreign:
-    raise ValueError(f"config.validation.options: validation source {validation.source!r} "
-                     f"does not take {', '.join(foreign)} (it takes "
-                     f"{', '.join(parameters)})")
-  missing = [name for name, parameter in parameters.items()
-             if parameter.default is inspect.Parameter.empty and name not in validation.options]
-  if missing:
-    raise ValueError(f"config.validation.options: validation source {validation.source!r} "
-                     f"needs {', '.join(missing)} (--config.validation.options.{missing[0]}=...)")
-  if validation.source == "synthetic":
-    options = {name: parameter.default for name, parameter in parameters.items()}
-    options.update(validation.options)
-    for name in ("count", "min_size"):
-      if not _is_int(options[name]) or options[name] < 1:
-        raise ValueError(f"config.validation.options.{name} must be a positive integer, "
-                         f"got {options[name]!r}")
-    if not _is_int(options["max_size"]) or options["max_size"] < options["min_size"]:
-      raise ValueError(f"config.validation.options.max_size must be an integer >= min_size "
-                       f"({options['min_size']}), got {options['max_size']!r}")
-
-
-def _validation_readers() -> dict[str, Callable]:
-  """config.validation.source's readers (the `options` are their keyword arguments)."""
-  import data_pipeline
-
-  return {"synthetic": data_pipeline.synthetic_items,
-          "alphamatting": data_pipeline.alphamatting_items,
-          "folder": data_pipeline.folder_items,
-          "tfds": data_pipeline.tfds_items}
-
-
 def _validation_items(config: ml_collections.ConfigDict):
   """The validation set named by config.validation (its rule checked too, before training).
 
@@ -300,7 +106,7 @@ def _validation_items(config: ml_collections.ConfigDict):
   if validation.sad_rule not in sad_rules.SAD_RULES:
     raise ValueError(f"config.validation.sad_rule must be one of "
                      f"{', '.join(sad_rules.SAD_RULES)}, got {validation.sad_rule!r}")
-  readers = _validation_readers()
+  readers = config_checks.validation_readers()
   if validation.source == "composition1k":
     if not validation.data_dir:
       raise ValueError("config.validation.source='composition1k' needs "
@@ -323,14 +129,9 @@ def _validation_items(config: ml_collections.ConfigDict):
   return items
 
 
-def _validation_interval(config: ml_collections.ConfigDict) -> int:
-  """Steps between validations: config.eval_every, or steps_per_epoch (every epoch, as the
-  authors validate) where it is -1; 0 turns validation off."""
-  every = config.eval_every
-  if not isinstance(every, int) or isinstance(every, bool) or every < -1:
-    raise ValueError(f"config.eval_every must be >= 0 (0: no validation), or -1 for every "
-                     f"epoch (config.steps_per_epoch), got {every!r}")
-  return config.steps_per_epoch if every == -1 else every
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """config_checks.validate_config, with the options of the data sources this loop builds."""
+  config_checks.validate_config(config, _source_options)
 
 
 def _source_options(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -401,148 +202,6 @@ def make_train_step(config: ml_collections.ConfigDict, runtime: parallel.DataPar
                            learning_rates=state_lib.learning_rate_schedules(config))
   return runtime.step(step, in_specs=(parallel.REPLICATED, parallel.SPLIT, parallel.REPLICATED),
                       out_specs=(parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
-
-
-def _checkpoint_managers(workdir: pathlib.Path, config: ml_collections.ConfigDict):
-  """The last checkpoints and the best one. Collective: every process saves and restores.
-
-  Both may save the same step at once; their own barrier names keep orbax's multi-host
-  commit barriers (named by step) apart."""
-  def processes(name):
-    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-
-  latest = ocp.CheckpointManager(
-      workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           multiprocessing_options=processes("latest")))
-  best = ocp.CheckpointManager(
-      workdir / "best",
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m["sad"], best_mode="min", create=True,
-          multiprocessing_options=processes("best")))
-  return latest, best
-
-
-def _save(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
-          metrics: dict[str, float] | None = None) -> None:
-  step = int(state.step)
-  position = {"step": step, "seed": int(config.seed), "batch_size": int(config.batch_size)}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)),
-      metrics=metrics)
-
-
-def _restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
-             sharding: jax.sharding.Sharding) -> tuple[state_lib.TrainState, int]:
-  """The latest checkpoint's state, placed with `sharding` on every process (a
-  multi-host restore must not land on another host's device), and its step."""
-  step = manager.latest_step()
-  if step is None:
-    return state, 0
-  _check_complete(manager, step)
-  target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), jax.numpy.asarray(leaf).dtype,
-                                        sharding=sharding), state)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-  except ValueError as error:
-    if "do not match" not in str(error):
-      raise
-    first = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
-    raise ValueError(
-        f"{manager.directory}: the checkpoint at step {step} is the training state of "
-        f"another network ({first} ...): a different config.model, or a run of a2u-jax "
-        f"before model format 2 (A2U's modules were gen0..gen3). Resume it with the config "
-        f"and version that wrote it, or use another --workdir") from None
-  position = restored["data"]
-  if position["seed"] != config.seed or position["batch_size"] != config.batch_size:
-    raise ValueError(f"the checkpoint at step {step} was trained with seed "
-                     f"{position['seed']} and batch size {position['batch_size']}; this run "
-                     f"asks for {config.seed} and {config.batch_size}: use another --workdir")
-  return restored["state"], step
-
-
-def _check_complete(manager: ocp.CheckpointManager, step: int) -> None:
-  """Raises ValueError naming checkpoint `step` when its folder lacks what a save writes
-  (a copy or a disk that was interrupted), with the step to fall back to."""
-  folder = pathlib.Path(manager.directory) / str(step)
-  missing = [name for name in ("_CHECKPOINT_METADATA", "state", "data")
-             if not (folder / name).exists()]
-  if not missing:
-    return
-  earlier = [s for s in manager.all_steps() if s < step]
-  fallback = (f"remove it to resume from step {max(earlier)}, the one before it" if earlier
-              else "remove it to start from step 0")
-  raise ValueError(f"{folder}: an incomplete checkpoint (no {', '.join(missing)}; an "
-                   f"interrupted copy?): {fallback}")
-
-
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-  """Drops records logged after `step` (by a run that was killed before checkpointing),
-  and lines a killed run left torn (not a JSON record with a step)."""
-  if not path.exists():
-    return
-  kept = []
-  for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-    try:
-      record = json.loads(line)
-      logged = int(record["step"])
-    except (ValueError, KeyError, TypeError):
-      if line.strip():
-        log.warning("%s: line %d is not a whole record (a run killed while writing it?); "
-                    "dropped", path, number)
-      continue
-    if logged <= step:
-      kept.append(line)
-  path.write_text("".join(line + "\n" for line in kept))
-
-
-class _Logger:
-  """metrics.jsonl, and TensorBoard when TensorFlow is installed (on process 0)."""
-
-  def __init__(self, workdir: pathlib.Path, enabled: bool):
-    self.enabled = enabled
-    self.path = workdir / METRICS_FILE
-    self.writer = None
-    if not enabled:
-      return
-    try:
-      from a2u_jax.quiet_tensorflow import import_tensorflow
-      tf = import_tensorflow()
-    except ImportError:
-      log.info("TensorBoard summaries skipped: TensorFlow is not installed (pip install "
-               "'a2u-jax[train]'); metrics go to %s", self.path)
-      return
-    self.tf = tf
-    self.writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
-    if self.writer is None:
-      return
-    with self.writer.as_default(step=step):
-      for key, value in values.items():
-        self.tf.summary.scalar(key, value)
-
-  def images(self, step: int, batch: dict[str, np.ndarray], prediction: np.ndarray) -> None:
-    if self.writer is None:
-      return
-    count = min(4, prediction.shape[0])
-    with self.writer.as_default(step=step):
-      self.tf.summary.image("composite", batch["image"][:count], max_outputs=count)
-      self.tf.summary.image("trimap", batch["trimap"][:count], max_outputs=count)
-      self.tf.summary.image("alpha/predicted", np.clip(prediction[:count], 0, 1),
-                            max_outputs=count)
-      self.tf.summary.image("alpha/true", batch["alpha"][:count], max_outputs=count)
-
-  def flush(self) -> None:
-    if self.writer is not None:
-      self.writer.flush()
-
 
 def validate(predictor: predict.Predictor, items, batch_size: int, sad_rule: str
              ) -> dict[str, float]:
@@ -635,7 +294,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   state = state_lib.create_train_state(config, init_rng, model)
-  latest, best = _checkpoint_managers(workdir, config)
+  latest, best = bookkeeping.checkpoint_managers(workdir, config)
   state, start_step = _restore(latest, state, config, runtime.replicated)
   logger = _Logger(workdir, lead)
   if lead:
@@ -706,7 +365,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
                           predictor(device_state)(batch["image"], batch["trimap"]))
           except Exception:
             # Image summaries must not cost the step's training either: save it first.
-            _save(latest, runtime.get(device_state), config)
+            bookkeeping.save(latest, runtime.get(device_state), config)
             raise
         # Everything a step logs is written before its checkpoint is: a run killed after
         # the checkpoint resumes past this step and would not log it again.
@@ -717,7 +376,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
                               config.validation.sad_rule)
           except Exception:
             # A validation that fails must not cost the step's training: save it first.
-            _save(latest, runtime.get(device_state), config)
+            bookkeeping.save(latest, runtime.get(device_state), config)
             raise
           spent["validation"] += time.perf_counter() - started
           logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
@@ -728,7 +387,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
         if checkpointing_now or validating:
           # Validation steps checkpoint too: best/ and best_model/ never hold a step that
           # a resume would not start after.
-          _save(latest, host_state, config)
+          bookkeeping.save(latest, host_state, config)
         if validating and not np.isfinite(values["sad"]):
           log.warning("step %d: the validation SAD is %s; best/ and best_model/ are not "
                       "chosen by it", step, values["sad"])
@@ -736,15 +395,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
           # best/ keeps the lowest validation SAD (by config.validation.sad_rule); on a tie
           # the later step wins, as the authors' `<=`. Unlike them, the first validation
           # counts too (their model_best.pth is first written after the second epoch).
-          _save(best, host_state, config, metrics=values)
+          bookkeeping.save(best, host_state, config, metrics=values)
           if lead and best.best_step() == step:  # a model checkpoint, for predict/evaluate
-            _save_model(workdir / BEST_MODEL_DIR, host_state, config)
+            bookkeeping.save_model(workdir / BEST_MODEL_DIR, host_state, config)
         spent["checkpoints"] += time.perf_counter() - started
         if stopping:
           # Another process's signal stops this one too (at the same step).
           stop.signal_name = stop.signal_name or "SIGTERM"
           if step != latest.latest_step():
-            _save(latest, runtime.get(device_state), config)
+            bookkeeping.save(latest, runtime.get(device_state), config)
           break
   except KeyboardInterrupt:
     # A second Ctrl-C (or one outside the handlers' reach): the step under way is
@@ -759,17 +418,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
   if step < total_steps:
     raise Interrupted(stop.signal_name, step, latest.latest_step())
   if lead:
-    _save_model(workdir / MODEL_DIR, runtime.get(device_state), config)
+    bookkeeping.save_model(workdir / MODEL_DIR, runtime.get(device_state), config)
   distributed.barrier("final model written")
   if lead and spent:
     log.info("time: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items()))
   return last
-
-
-def _save_model(directory: pathlib.Path, state: state_lib.TrainState, config) -> None:
-  checkpointing.save_model_checkpoint(
-      directory, {"params": state.params, "batch_stats": state.batch_stats},
-      state_lib.model_options(config), force=True)
 
 
 def _any_process(flag: bool) -> bool:
