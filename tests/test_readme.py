@@ -1,6 +1,7 @@
-"""The README runs: every Python snippet executes, every command names a real entry point
-and only flags (and config fields) that entry point accepts, and every link to a file in
-the repository resolves."""
+"""The README and the manual in docs/ run: every Python snippet executes, every command
+(theirs and benchmarks/README.md's) names a real entry point and only flags (and config
+fields) that entry point accepts, every link to a file in the repository resolves, and
+the README stays a map that links every page of the manual."""
 
 import importlib
 import pathlib
@@ -13,41 +14,55 @@ import tomllib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+BENCHMARKS = ROOT / "benchmarks" / "README.md"
+MANUAL = sorted((ROOT / "docs").glob("*.md"))
+DOCUMENTS = [README, *MANUAL]
 CONSOLE_SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-def _blocks(language: str) -> list[tuple[int, str]]:
-  """(line number, text) of every fenced block in `language`."""
-  return [(README[:match.start()].count("\n") + 2, match.group(1))
-          for match in re.finditer(rf"```{language}\n(.*?)```", README, re.S)]
+def _blocks(language: str, documents: list[pathlib.Path]) -> list[tuple[str, str]]:
+  """("FILE:LINE", text) of every fenced block in `language` of `documents`."""
+  blocks = []
+  for document in documents:
+    text = document.read_text()
+    for match in re.finditer(rf"```{language}\n(.*?)```", text, re.S):
+      where = f"{document.relative_to(ROOT)}:{text[:match.start()].count(chr(10)) + 2}"
+      blocks.append((where, match.group(1)))
+  return blocks
 
 
-def _commands() -> list[list[str]]:
-  """The README's bash commands, continuation lines joined, comments dropped."""
+def _commands(documents: list[pathlib.Path]) -> list[tuple[str, list[str]]]:
+  """(where, words) of the documents' bash commands, continuation lines joined, comments
+  dropped."""
   commands = []
-  for _, block in _blocks("bash"):
+  for where, block in _blocks("bash", documents):
     for command in block.replace("\\\n", " ").splitlines():
       words = shlex.split(command, comments=True)
       if words:
-        commands.append(words)
+        commands.append((where, words))
   return commands
 
 
-@pytest.mark.parametrize("line,snippet", _blocks("python"), ids=lambda v: str(v)[:12])
-def test_python_snippet_runs(line, snippet):
-  exec(compile(snippet, f"README.md:{line}", "exec"), {})
+@pytest.mark.parametrize("where,snippet", _blocks("python", DOCUMENTS),
+                         ids=[where for where, _ in _blocks("python", DOCUMENTS)])
+def test_python_snippet_runs(where, snippet):
+  exec(compile(snippet, where, "exec"), {})
+
+
+def _help_command(words: list[str]) -> list[str]:
+  if words[0] in CONSOLE_SCRIPTS:
+    return [sys.executable, "-m", CONSOLE_SCRIPTS[words[0]].split(":")[0], "--help"]
+  if words[:2] == ["python", "-m"]:
+    return [sys.executable, "-m", words[2], "--help"]
+  if words[0] == "python" and re.fullmatch(r"benchmarks/\w+\.py", words[1]):
+    return [sys.executable, words[1], "--help"]
+  raise AssertionError(f"unknown entry point: {' '.join(words)}")
 
 
 def _help_text(words: list[str]) -> str:
-  if words[0] in CONSOLE_SCRIPTS:
-    module = CONSOLE_SCRIPTS[words[0]].split(":")[0]
-  elif words[:2] == ["python", "-m"]:
-    module = words[2]
-  else:
-    raise AssertionError(f"unknown entry point: {' '.join(words)}")
-  result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = subprocess.run(_help_command(words), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   return result.stdout
 
@@ -66,42 +81,54 @@ def _config_field_exists(config_file: str, field: str) -> bool:
 
 
 def test_every_command_uses_real_entry_points_flags_and_config_fields():
-  commands = _commands()
-  assert commands, "the README has no commands"
+  commands = _commands(DOCUMENTS + [BENCHMARKS])
+  assert {where.split(":")[0] for where, _ in commands} >= {"README.md", "docs/training.md"}
   makefile = (ROOT / "Makefile").read_text()
   train_flags = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', (ROOT / "train.py").read_text()))
   helps = {}
-  for words in commands:
+  for where, words in commands:
     if words[0] == "make":
-      assert re.search(rf"^{words[1]}:", makefile, re.M), words
+      assert re.search(rf"^{words[1]}:", makefile, re.M), (where, words)
       continue
     flags = [w.split("=")[0] for w in words if w.startswith("--")]
     if words[:2] == ["python", "train.py"]:
       config_file = words[words.index("--config") + 1]
       for flag in flags:
         if flag.startswith("--config."):
-          assert _config_field_exists(config_file, flag[len("--config."):]), (flag, words)
+          assert _config_field_exists(config_file, flag[len("--config."):]), (where, flag)
         else:
-          assert flag[2:] in train_flags, (flag, words)
+          assert flag[2:] in train_flags, (where, flag)
       continue
-    key = tuple(words[:3] if words[0] == "python" else words[:1])
-    helps.setdefault(key, _help_text(words))
+    key = tuple(_help_command(words))
+    if key not in helps:
+      helps[key] = _help_text(words)
     for flag in flags:
-      assert flag in helps[key], (flag, words)
+      assert flag in helps[key], (where, flag)
 
 
 def test_console_scripts_point_at_cli_mains():
-  assert set(CONSOLE_SCRIPTS) >= {"a2u-predict", "a2u-evaluate", "a2u-convert"}
+  assert set(CONSOLE_SCRIPTS) >= {"a2u-predict", "a2u-evaluate", "a2u-convert", "a2u-export"}
   for target in CONSOLE_SCRIPTS.values():
     module, function = target.split(":")
     assert callable(getattr(importlib.import_module(module), function))
 
 
+def _anchors(document: pathlib.Path) -> set[str]:
+  """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped,
+  spaces as hyphens."""
+  headings = re.findall(r"^#+ (.+)$", document.read_text(), re.M)
+  return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 def test_links_and_design_references_resolve():
-  for document in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
-    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", document.read_text()):
-      if not target.startswith("http"):
-        assert (document.parent / target).exists(), (document, target)
+  for document in DOCUMENTS + [BENCHMARKS]:
+    for target, anchor in re.findall(r"\]\(([^)#]*)(?:#([^)]*))?\)", document.read_text()):
+      if target.startswith("http"):
+        continue
+      linked = (document.parent / target).resolve() if target else document
+      assert linked.exists(), (document, target)
+      if anchor:
+        assert anchor in _anchors(linked), (document, target, anchor)
   # Docstrings cite "docs/design.md §N"; every such section exists.
   sections = set(re.findall(r"^##+ (\d+(?:\.\d+)?)\.? ", (ROOT / "docs" / "design.md")
                             .read_text(), re.M))
@@ -110,3 +137,14 @@ def test_links_and_design_references_resolve():
     if ".venv" not in path.parts:
       cited |= set(re.findall(r"design\.md §(\d+(?:\.\d+)?)", path.read_text()))
   assert cited and cited <= sections, cited - sections
+
+
+def test_readme_is_a_map_of_the_manual():
+  """The README stays short enough to read as a map (issue 34: <= 250 lines; the
+  benchmark results <= 400), and links every page of docs/."""
+  readme = README.read_text()
+  assert len(readme.splitlines()) <= 250, "README.md: over 250 lines; move the manual to docs/"
+  assert len(BENCHMARKS.read_text().splitlines()) <= 400, "benchmarks/README.md: over 400 lines"
+  linked = set(re.findall(r"\]\((docs/[^)#]+)", readme))
+  pages = {str(page.relative_to(ROOT)) for page in MANUAL}
+  assert pages <= linked, f"README.md does not link {', '.join(sorted(pages - linked))}"
