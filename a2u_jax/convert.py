@@ -3,7 +3,9 @@
     python -m a2u_jax.convert --torch model_best.pth --out checkpoints/a2u_share [--force]
 
 The .pth files are read without PyTorch, by `a2u_jax.pth` (either torch.save format, and
-nothing but tensors, containers and numbers is built from them).
+nothing but tensors, containers and numbers is built from them, in memory bounded by the
+file's content); only arrays and numbers are taken as weights, and a failure is one line
+naming the file (`main` exits 2 and writes nothing).
 
 Official keys (see tests/data/reference/official_checkpoint_keys_*.json) map one to one
 onto `a2u_jax.models.a2u_matting`: conv weights OIHW -> HWIO, 1x1 generator convs -> Dense
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import zipfile
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -102,17 +105,37 @@ def official_layout() -> list[tuple[str, Path, str]]:
 # ------------------------------------------------------------------- conversion
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def _weight(key: str, value: Any) -> np.ndarray:
+  """`value` as a NumPy array of numbers, refused unless it is an array or a number: a
+  nested list would be expanded element by element (a few hundred bytes of shared
+  references in a .pth make gigabytes)."""
   if hasattr(value, "detach"):  # a torch tensor
     value = value.detach().cpu().numpy()
-  return np.asarray(value)
+  if isinstance(value, (np.ndarray, np.generic, jax.Array, int, float)):
+    array = np.asarray(value)
+    if array.dtype.kind in "biuf":
+      return array
+  raise ValueError(f"state dict entry {pth.describe(key)} is {pth.describe(value)}, not a weight "
+                   f"(expected an array or a number)")
 
 
 def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Parameter names (without DataParallel's "module.") -> weights, from a state dict or a
+  checkpoint holding one under "state_dict"; ValueError (one line) for a key that is not a
+  name or a value that is not a weight."""
   if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
     state_dict = state_dict["state_dict"]
-  return {key[len("module."):] if key.startswith("module.") else key: _to_numpy(value)
-          for key, value in state_dict.items()}
+  tensors = {}
+  for key, value in state_dict.items():
+    if not isinstance(key, str):
+      raise ValueError(f"state dict key {pth.describe(key)} is not a parameter name "
+                       f"(expected a string)")
+    name = key[len("module."):] if key.startswith("module.") else key
+    if name in tensors:
+      raise ValueError(f"state dict names {pth.describe(name)} twice (with and without "
+                       f"'module.')")
+    tensors[name] = _weight(key, value)
+  return tensors
 
 
 def detect_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,7 +146,7 @@ def detect_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"not an A2U matting checkpoint: no {key!r} among its "
                      f"{len(tensors)} keys (first: {sorted(tensors)[:3]})")
   return {"resampler": "a2u",
-          "resampler_options": {"share": bool(tensors[key].shape[0] == 1)}}
+          "resampler_options": {"share": tensors[key].shape[:1] == (1,)}}
 
 
 def _leaves(kind: str, prefix: str) -> list[tuple[str, str, str]]:
@@ -139,11 +162,13 @@ def _leaves(kind: str, prefix: str) -> list[tuple[str, str, str]]:
   return [(f"{prefix}.weight", "params", "kernel")]
 
 
-def _convert_leaf(kind: str, leaf: str, value: np.ndarray) -> np.ndarray:
+def _convert_leaf(kind: str, leaf: str, value: np.ndarray) -> np.ndarray | None:
+  """`value` in Flax's layout, or None where it lacks torch's (OIHW; (O, C, 1, 1) dense)."""
   if leaf == "kernel" and kind == "conv":
-    return np.transpose(value, (2, 3, 1, 0))          # OIHW -> HWIO
-  if leaf == "kernel" and kind == "dense":
-    return np.transpose(value[:, :, 0, 0], (1, 0))   # (O, C, 1, 1) -> (C, O)
+    return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else None  # OIHW -> HWIO
+  if leaf == "kernel" and kind == "dense":  # (O, C, 1, 1) -> (C, O)
+    return (np.transpose(value[:, :, 0, 0], (1, 0))
+            if value.ndim == 4 and value.shape[2:] == (1, 1) else None)
   return value
 
 
@@ -184,7 +209,7 @@ def convert_into(tensors: Mapping[str, np.ndarray], target: Mapping[str, Any],
         continue  # reported below as an unfilled leaf
       value = _convert_leaf(kind, leaf, tensors[key])
       used.add(key)
-      if value.shape != tuple(expected.shape):
+      if value is None or value.shape != tuple(expected.shape):
         mismatched.append(f"{key} {tensors[key].shape} -> {'/'.join(path)}/{leaf} expects "
                           f"{tuple(expected.shape)}")
         continue
@@ -215,8 +240,9 @@ def _abstract_variables(model: models.MattingNet) -> dict[str, Any]:
 def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """{"params", "batch_stats"} for `a2u_matting(**detect_model_config(state_dict))`.
 
-  Accepts names -> NumPy arrays or torch tensors, with or without the "module." prefix and
-  the outer "state_dict" entry. Share/unshare is detected from the shapes. Unknown,
+  Accepts names -> NumPy arrays, torch tensors or numbers (nothing else is a weight: a
+  nested list is refused), with or without the "module." prefix and the outer
+  "state_dict" entry. Share/unshare is detected from the shapes. Unknown,
   missing or mis-shaped keys raise ValueError listing them (first few and the count).
   """
   config = detect_model_config(state_dict)
@@ -238,19 +264,27 @@ def load_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   if path.suffix == ".npz":
     try:
       with np.load(path) as archive:
-        arrays = {k[len("state_dict/"):] if k.startswith("state_dict/") else k: archive[k]
+        # bzip2 and LZMA members inflate without bound per read (np.savez_compressed deflates).
+        methods = {info.compress_type for info in archive.zip.infolist()}
+        if not methods <= {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}:
+          raise ValueError(f"zip compression methods {sorted(methods)}: only stored and "
+                           f"deflated members are read")
+        loaded = {k[len("state_dict/"):] if k.startswith("state_dict/") else k: archive[k]
                   for k in archive.files if k.startswith("state_dict/") or "/" not in k}
     except Exception as error:  # EOFError, BadZipFile, pickled objects: name the file.
       raise ValueError(f"{path}: not a readable .npz archive of arrays ({type(error).__name__}: "
                        f"{error})") from None
-    if not arrays:
+    if not loaded:
       raise ValueError(f"{path}: the archive holds no arrays")
-    return _normalise_keys(arrays)
-  loaded = pth.read_pth(path)
-  if not isinstance(loaded, Mapping):
-    raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got "
-                     f"{type(loaded).__name__}")
-  return _normalise_keys(loaded)
+  else:
+    loaded = pth.read_pth(path)
+    if not isinstance(loaded, Mapping):
+      raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got "
+                       f"{type(loaded).__name__}")
+  try:
+    return _normalise_keys(loaded)
+  except ValueError as error:
+    raise ValueError(f"{path}: {error}") from None
 
 
 # -------------------------------------------------------- ImageNet initialisation
@@ -327,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
       raise ValueError(f"{args.torch}: {error}") from None
     out = checkpointing.save_model_checkpoint(args.out, variables, config, force=args.force)
   except (FileNotFoundError, FileExistsError, ValueError) as error:
-    parser.error(str(error))
+    # One line (parser.error would print the usage first): the file and what is wrong.
+    parser.exit(2, f"{parser.prog}: error: {error}\n")
   share = config["resampler_options"]["share"]
   print(f"wrote {out} ({'share' if share else 'unshare'} A2U matting network)")
 

@@ -6,15 +6,21 @@ install). It writes the pickle opcode by opcode, as torch.save's protocol-2 pick
 so it needs neither torch's globals nor pickle's internals; `tests/test_pth.py` checks that
 `torch.load` reads its files (where torch is installed) and that they read back like the
 files torch wrote in `tests/data/pth`.
+
+The lower-level pieces (`tensor`, `write_pickle`, `write_overlapping_zip`) also write the
+hostile files of `tests/test_pth_limits.py`: views and sizes a file declares but does not
+hold, nesting torch's pickler would recurse on, zips whose records share bytes.
 """
 
 from __future__ import annotations
 
+import io
 import pathlib
 import pickle
 import struct
 import zipfile
-from typing import Mapping
+import zlib
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -89,3 +95,117 @@ def write_pth(path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray], *,
                        array.astype(array.dtype.newbyteorder("<")).tobytes())
     archive.writestr("archive/version", "3\n")
   return path
+
+
+# ------------------------------------------------------- hand-made (hostile) files
+
+
+def tensor(key: str, storage: str, count: int, size: Sequence[int], stride: Sequence[int], *,
+           offset: int = 0, legacy: bool = False, negated: bool = False) -> bytes:
+  """The pickle of a tensor over storage `key` (torch.<storage>, `count` elements as the
+  persistent id declares them, whatever the file holds): _rebuild_tensor_v2(storage,
+  offset, size, stride, False, {}, metadata), metadata {"neg": True} if `negated`."""
+  persistent = [_text("storage"), _global("torch", storage), _text(key), _text("cpu"),
+                _long(count)] + ([pickle.NONE] if legacy else [])
+  metadata = (pickle.EMPTY_DICT + _text("neg") + pickle.NEWTRUE + pickle.SETITEM
+              if negated else pickle.EMPTY_DICT)
+  arguments = [_tuple(persistent) + pickle.BINPERSID, _long(offset),
+               _tuple(map(_long, size)), _tuple(map(_long, stride)), pickle.NEWFALSE,
+               _ordered_dict([]), metadata]
+  return _global("torch._utils", "_rebuild_tensor_v2") + _tuple(arguments) + pickle.REDUCE
+
+
+def _long(value: int) -> bytes:
+  """Any integer (LONG1), as pickle writes one beyond 32 bits."""
+  encoded = value.to_bytes(max(1, (value.bit_length() + 8) // 8), "little", signed=True)
+  if len(encoded) < 256:
+    return pickle.LONG1 + bytes([len(encoded)]) + encoded
+  return pickle.LONG4 + struct.pack("<i", len(encoded)) + encoded
+
+
+def dictionary(items: Sequence[tuple[bytes, bytes]]) -> bytes:
+  """A plain dict of pickled keys and values."""
+  return pickle.EMPTY_DICT + pickle.MARK + b"".join(k + v for k, v in items) + pickle.SETITEMS
+
+
+def text(value: str) -> bytes:
+  return _text(value)
+
+
+def write_pickle(path: str | pathlib.Path, body: bytes,
+                 storages: Mapping[str, np.ndarray] | None = None, *, legacy: bool = False,
+                 counts: Mapping[str, int] | None = None,
+                 compression: int = zipfile.ZIP_STORED) -> pathlib.Path:
+  """A checkpoint whose object pickle is `body` (opcodes, without PROTO and STOP) and
+  whose storages hold `storages` (arrays by key, stored little-endian): a zip (its records
+  compressed with `compression`) or, with `legacy`, the old format, each storage's element
+  count written as `counts` says (its array's size by default)."""
+  counts = {key: array.size for key, array in (storages or {}).items()} | dict(counts or {})
+  storages = {key: np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+              for key, array in (storages or {}).items()}
+  data = pickle.PROTO + bytes([2]) + body + pickle.STOP
+  path = pathlib.Path(path)
+  if legacy:
+    with path.open("wb") as file:
+      for header in (_MAGIC, _PROTOCOL, {"little_endian": True}):
+        pickle.dump(header, file, protocol=2)
+      file.write(data)
+      pickle.dump(list(storages), file, protocol=2)
+      for key, raw in storages.items():
+        file.write(struct.pack("<q", counts[key]) + raw)
+    return path
+  with zipfile.ZipFile(path, "w", compression) as archive:
+    archive.writestr("archive/data.pkl", data)
+    archive.writestr("archive/byteorder", "little")
+    for key, raw in storages.items():
+      archive.writestr(f"archive/data/{key}", raw)
+  return path
+
+
+def set_declared_size(path: str | pathlib.Path, name: str, size: int) -> None:
+  """Makes the zip at `path` declare `size` uncompressed bytes for record `name` in its
+  central directory (where readers take sizes from), its data unchanged."""
+  raw = bytearray(pathlib.Path(path).read_bytes())
+  with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+    entry = archive.start_dir
+    for info in archive.infolist():
+      if info.filename == name:
+        raw[entry + 24:entry + 28] = struct.pack("<I", size)
+      entry += 46 + len(info.filename.encode()) + len(info.extra) + len(info.comment)
+  pathlib.Path(path).write_bytes(bytes(raw))
+
+
+def write_overlapping_zip(path: str | pathlib.Path, body: bytes, keys: Sequence[str],
+                          payload: bytes) -> list[int]:
+  """A zip bomb of records that share bytes (stored, so no compression is involved): record
+  ``archive/data/<keys[i]>`` holds the local headers of the records after it and then
+  `payload`, so the records together declare about len(keys) times the payload while the
+  file holds it once. The object pickle is `body`; returns each record's byte count."""
+  pickled = pickle.PROTO + bytes([2]) + body + pickle.STOP
+  names = [f"archive/data/{key}".encode() for key in keys]
+  sizes, crcs, headers = [0] * len(keys), [0] * len(keys), [b""] * len(keys)
+  after = payload
+  for i in reversed(range(len(keys))):  # each header wraps what follows it
+    sizes[i], crcs[i] = len(after), zlib.crc32(after)
+    headers[i] = _local_header(names[i], crcs[i], sizes[i])
+    after = headers[i] + after
+  pickle_name = b"archive/data.pkl"
+  entries = [(pickle_name, zlib.crc32(pickled), len(pickled), 0)]
+  offset = len(_local_header(pickle_name, 0, 0)) + len(pickled)
+  for name, crc, size, header in zip(names, crcs, sizes, headers):
+    entries.append((name, crc, size, offset))
+    offset += len(header)
+  blob = _local_header(pickle_name, entries[0][1], len(pickled)) + pickled + after
+  directory = b"".join(
+      struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0, crc, size,
+                  size, len(name), 0, 0, 0, 0, 0, at) + name
+      for name, crc, size, at in entries)
+  end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries),
+                    len(directory), len(blob), 0)
+  pathlib.Path(path).write_bytes(blob + directory + end)
+  return sizes
+
+
+def _local_header(name: bytes, crc: int, size: int) -> bytes:
+  return struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, crc, size, size,
+                     len(name), 0) + name
