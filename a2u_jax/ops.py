@@ -26,8 +26,9 @@ Three implementations compute the same thing:
   precomputed source coordinates (the kernel cotangent's unit-stride windows are slices
   under both).
 * ``"pallas"``: Pallas kernels of the same three computations (`a2u_jax.pallas_reassembly`):
-  Triton on a GPU; elsewhere Pallas' interpret mode, exact but slow (it is how the CPU
-  tests check the kernels).
+  Triton when lowered for a GPU (lowered on the CPU in tests/test_lowering.py; not yet run
+  on one), refused for TPUs, Pallas' interpret mode elsewhere: exact but slow (it is how
+  the CPU tests check the kernels).
 
 Each op is bilinear in (features, kernels). Its VJP is a custom rule that keeps only the
 two inputs as residuals (plain autodiff would keep every tap). The feature cotangent is a
@@ -102,6 +103,8 @@ def _check_common(op: str, features: jax.Array, kernels: jax.Array, kernel_size:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{op}: `implementation` must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}.")
+  if implementation == "pallas" and jax.default_backend() == "tpu":
+    raise ValueError(f"{op}: {pallas_reassembly.TPU_REFUSAL}.")
 
 
 def _compute_dtype(features: jax.Array, kernels: jax.Array) -> jnp.dtype:
@@ -447,7 +450,9 @@ _FORMULAS = {
 def _formulas(direction: str, implementation: str) -> tuple[Callable, ...]:
   """(forward, kernel cotangent, feature cotangent), each a function of (x, y, K)."""
   if implementation == "pallas":
-    return pallas_reassembly.FORMULAS[direction]
+    xla_formulas = (functools.partial(fn, _READERS["slices"]) for fn in _FORMULAS[direction])
+    return tuple(pallas_reassembly.by_platform(kernel, xla) for kernel, xla in
+                 zip(pallas_reassembly.FORMULAS[direction], xla_formulas))
   read = _READERS[implementation]
   return tuple(functools.partial(fn, read) for fn in _FORMULAS[direction])
 

@@ -2,12 +2,19 @@
 and down (the formulas of `a2u_jax.ops`, docs/design.md §2.2).
 
 Selected by ``implementation="pallas"`` in `ops.reassemble_up` / `ops.reassemble_down`.
-On a GPU the kernels compile through Pallas' Triton backend; on every other platform they
-run in Pallas' interpret mode (the kernel body as a JAX program looped over the grid; see
-`_interpret` for inside shard_map): exact, and what the CPU tests check against the XLA
-formulas, but far slower than XLA, so not a CPU or TPU implementation. TPUs keep the XLA
-formulas: a Mosaic kernel would need the overlapping windows as element-offset VMEM blocks
-(`pl.Element`) instead of the whole arrays these kernels index; not attempted.
+Each kernel is chosen by the platform the program is lowered for (`lax.platform_dependent`),
+not by the one it is traced on, so a program exported on a CPU for GPUs holds the GPU
+kernels:
+* CUDA and ROCm: Pallas' Triton backend, chosen by its compiler parameters (`TRITON`).
+  tests/test_lowering.py lowers them for cuda and rocm on the CPU; they have not run on a
+  GPU since these changes.
+* TPU: refused with one line (`TPU_REFUSAL`), at trace time on a TPU host (ops.py) and when
+  lowering for a TPU elsewhere. A Mosaic TPU kernel would need the overlapping windows as
+  element-offset VMEM blocks (`pl.Element`) instead of the whole arrays these kernels
+  index; not attempted. TPUs use the XLA formulas.
+* Every other platform (the CPU): Pallas' interpret mode (the kernel body as a JAX program
+  looped over the grid): exact, and what the CPU tests check against the XLA formulas, but
+  far slower than XLA. Inside shard_map the XLA formulas stand in (see `by_platform`).
 
 Why kernels: the XLA formulas read every input once per tap. Here one program owns a row
 of BW output pixels (times a BC channel block), loads each tap's window of the padded input
@@ -27,11 +34,21 @@ All arithmetic is in the compute dtype that ops.py passes (float32, or float64).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+# Pallas' Triton backend, chosen explicitly: given no compiler parameters, Pallas in jax
+# 0.10 lowers for GPUs with Mosaic GPU (`jax_pallas_use_mosaic_gpu`), whose copies must move
+# a multiple of 128 bytes; these kernels read overlapping windows of whole arrays, which
+# Triton's pointer loads express directly. Triton also serves ROCm. Triton's defaults:
+# 4 warps, 3 pipelining stages (1 on ROCm).
+TRITON = pltriton.CompilerParams()
 
 # Widest row block and channel block of one program. 32 x 64 float32 values per loaded
 # window keep a K=3 up program's 36 partial sums and its windows within a GPU thread
@@ -51,14 +68,25 @@ def _blocks(width: int, channels: int) -> tuple[int, int, int, int]:
   return bw, -(-width // bw) * bw, bc, -(-channels // bc) * bc
 
 
-def _interpret(varying: frozenset):
-  """False on GPUs (Triton); elsewhere Pallas' HLO interpreter (exact in float64), or its
-  TPU interpreter for operands that vary over shard_map axes: in jax 0.10.2 the HLO
-  interpreter's grid loop fails there (it slices varying blocks at non-varying program
-  ids), while the TPU interpreter runs (in float32 and bfloat16 only)."""
-  if jax.default_backend() == "gpu":
-    return False
-  return pltpu.InterpretParams() if varying else True
+TPU_REFUSAL = ("implementation='pallas' has GPU (Triton) kernels only, none for TPUs: use "
+               "the default implementation ('slices') on a TPU")
+
+# Refuses to lower for TPUs; the identity elsewhere. A program traced on one platform can
+# be lowered for another (jax.export), so a trace-time check alone would let a TPU lowering
+# reach Mosaic's own lowering errors.
+_no_tpu_kernel_p = Primitive("a2u_pallas_no_tpu_kernel")
+_no_tpu_kernel_p.def_impl(lambda x: x)
+_no_tpu_kernel_p.def_abstract_eval(lambda x: x)
+batching.primitive_batchers[_no_tpu_kernel_p] = (
+    lambda args, dims: (_no_tpu_kernel_p.bind(*args), dims[0]))
+
+
+def _refuse_tpu_lowering(ctx, x):
+  raise ValueError(TPU_REFUSAL)
+
+
+mlir.register_lowering(_no_tpu_kernel_p, _refuse_tpu_lowering, platform="tpu")
+mlir.register_lowering(_no_tpu_kernel_p, lambda ctx, x: [x])
 
 
 def _fold_groups(x: jax.Array) -> jax.Array:
@@ -85,20 +113,58 @@ def _whole(x: jax.Array) -> pl.BlockSpec:
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _call(kernel, out_shape, grid, in_specs, out_spec, *operands):
+def _varying(*operands: jax.Array) -> frozenset:
+  """The shard_map axes over which any operand varies (empty outside shard_map)."""
+  mats = [jax.typeof(x).manual_axis_type for x in operands]
+  return frozenset().union(*(mat.varying for mat in mats if mat is not None))
+
+
+def _call(kernel, out_shape, grid, in_specs, out_spec, *operands, interpret: bool):
   # Inside shard_map (data-parallel training) Pallas must be told how its output varies
   # over the mesh axes: as the operands together, which are first made to vary alike.
-  mats = [jax.typeof(x).manual_axis_type for x in operands]
-  varying = frozenset().union(*(mat.varying for mat in mats if mat is not None))
+  varying = _varying(*operands)
   if varying:
-    operands = [x if not varying - mat.varying
-                else jax.lax.pcast(x, tuple(varying - mat.varying), to="varying")
-                for x, mat in zip(operands, mats)]
+    operands = [x if not varying - _varying(x)
+                else jax.lax.pcast(x, tuple(varying - _varying(x)), to="varying")
+                for x in operands]
     out_shape = jax.ShapeDtypeStruct(
         out_shape.shape, out_shape.dtype,
         manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_spec, interpret=_interpret(varying))(*operands)
+                        out_specs=out_spec, interpret=interpret,
+                        compiler_params=None if interpret else TRITON)(*operands)
+
+
+def by_platform(formula: Callable, xla_formula: Callable) -> Callable:
+  """`formula` (one of `FORMULAS`, a function of (x, y, K)) chosen by the platform that the
+  program is lowered for, not the one it is traced on: Triton kernels for CUDA and ROCm,
+  the refusal for TPUs, interpret mode elsewhere.
+
+  Inside shard_map (operands that vary over mesh axes) no interpreter can stand in on
+  the CPU in jax 0.10.2: the HLO interpreter's grid loop slices varying blocks at
+  non-varying program ids (a vma error), and the TPU interpreter's ordered callbacks break
+  the lowering of this choice for GPUs (the kept branch has no effect tokens). There
+  `xla_formula`, the same computation by the XLA formulas, computes on non-GPU platforms.
+  JAX lowers every branch of a `lax.platform_dependent` for each platform of a
+  multi-platform lowering, so a program with these kernels lowers for one platform at a
+  time.
+  """
+  def chosen(x: jax.Array, y: jax.Array, k: int) -> jax.Array:
+    def on_gpu(x, y):
+      return formula(x, y, k, interpret=False)
+
+    if _varying(x, y):
+      def elsewhere(x, y):
+        return xla_formula(x, y, k)
+    else:
+      def elsewhere(x, y):
+        return formula(x, y, k, interpret=True)
+
+    return jax.lax.platform_dependent(
+        x, y, cuda=on_gpu, rocm=on_gpu,
+        tpu=lambda x, y: elsewhere(_no_tpu_kernel_p.bind(x), _no_tpu_kernel_p.bind(y)),
+        default=elsewhere)
+  return chosen
 
 
 # ------------------------------------------------------------------------------ up
@@ -120,7 +186,7 @@ def _up_forward_kernel(fp_ref, m_ref, out_ref, *, k, bw, bc):
       out_ref[i, :, j, :] = acc[i][j]
 
 
-def up_forward(f: jax.Array, m: jax.Array, k: int) -> jax.Array:
+def up_forward(f: jax.Array, m: jax.Array, k: int, interpret: bool = False) -> jax.Array:
   """f (N, h, w, G, Cg), m (N, 2h, 2w, G, K*K) -> out (N, 2h, 2w, G, Cg), f's dtype."""
   n, h, w, g, cg = f.shape
   r = (k - 1) // 2
@@ -134,7 +200,7 @@ def up_forward(f: jax.Array, m: jax.Array, k: int) -> jax.Array:
                                         lambda b, y, xb, cb: (b, y, 0, xb, 0, 0))],
               pl.BlockSpec((None, None, 2, bw, 2, bc),
                            lambda b, y, xb, cb: (b, y, 0, xb, 0, cb)),
-              fp, mv)
+              fp, mv, interpret=interpret)
   out = out.reshape(n * g, 2 * h, 2 * wp, cp)[:, :, :2 * w, :cg]
   return _unfold_groups(out, g)
 
@@ -159,7 +225,8 @@ def _up_kernel_grad_kernel(fp_ref, ct_ref, dm_ref, *, k, bw, bc, cp):
     dm_ref[i, :, j, t] = value
 
 
-def up_kernel_grad(f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+def up_kernel_grad(f: jax.Array, ct: jax.Array, k: int,
+                   interpret: bool = False) -> jax.Array:
   """f (N, h, w, G, Cg), ct (N, 2h, 2w, G, Cg) -> d kernels (N, 2h, 2w, G, K*K)."""
   n, h, w, g, cg = f.shape
   r = (k - 1) // 2
@@ -174,7 +241,7 @@ def up_kernel_grad(f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
                                        lambda b, y, xb: (b, y, 0, xb, 0, 0))],
              pl.BlockSpec((None, None, 2, bw, 2, k * k),
                           lambda b, y, xb: (b, y, 0, xb, 0, 0)),
-             fp, ctv)
+             fp, ctv, interpret=interpret)
   dm = dm.reshape(n * g, 2 * h, 2 * wp, k * k)[:, :, :2 * w]
   return _unfold_groups(dm, g)
 
@@ -198,7 +265,8 @@ def _up_feature_grad_kernel(ctp_ref, mp_ref, df_ref, *, k, bw, bc):
   df_ref[...] = acc
 
 
-def up_feature_grad(m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+def up_feature_grad(m: jax.Array, ct: jax.Array, k: int,
+                    interpret: bool = False) -> jax.Array:
   """m (N, 2h, 2w, G, K*K), ct (N, 2h, 2w, G, Cg) -> d features (N, h, w, G, Cg)."""
   n, hh, ww, g, cg = ct.shape
   h, w, r = hh // 2, ww // 2, (k - 1) // 2
@@ -212,7 +280,7 @@ def up_feature_grad(m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
              (n * g, h, wp // bw, cp // bc),
              [_whole(ctp), _whole(mp)],
              pl.BlockSpec((None, None, bw, bc), lambda b, y, xb, cb: (b, y, xb, cb)),
-             ctp, mp)
+             ctp, mp, interpret=interpret)
   return _unfold_groups(df[:, :, :w, :cg], g)
 
 
@@ -242,7 +310,7 @@ def _down_forward_kernel(fp_ref, m_ref, out_ref, *, k, bw, bc):
   out_ref[...] = acc
 
 
-def down_forward(f: jax.Array, m: jax.Array, k: int) -> jax.Array:
+def down_forward(f: jax.Array, m: jax.Array, k: int, interpret: bool = False) -> jax.Array:
   """f (N, H, W, G, Cg), m (N, H/2, W/2, G, K*K) -> out (N, H/2, W/2, G, Cg)."""
   n, _, _, g, cg = f.shape
   h, w = m.shape[1:3]
@@ -255,7 +323,7 @@ def down_forward(f: jax.Array, m: jax.Array, k: int) -> jax.Array:
               [_whole(fp), pl.BlockSpec((None, None, bw, k * k),
                                         lambda b, y, xb, cb: (b, y, xb, 0))],
               pl.BlockSpec((None, None, bw, bc), lambda b, y, xb, cb: (b, y, xb, cb)),
-              fp, mp)
+              fp, mp, interpret=interpret)
   return _unfold_groups(out[:, :, :w, :cg], g)
 
 
@@ -277,7 +345,8 @@ def _down_kernel_grad_kernel(fp_ref, ct_ref, dm_ref, *, k, bw, bc, cp):
     dm_ref[:, t] = value
 
 
-def down_kernel_grad(f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+def down_kernel_grad(f: jax.Array, ct: jax.Array, k: int,
+                     interpret: bool = False) -> jax.Array:
   """f (N, H, W, G, Cg), ct (N, H/2, W/2, G, Cg) -> d kernels (N, H/2, W/2, G, K*K)."""
   n, h, w, g, cg = ct.shape
   bw, wp, bc, cp = _blocks(w, cg)
@@ -289,7 +358,7 @@ def down_kernel_grad(f: jax.Array, ct: jax.Array, k: int) -> jax.Array:
              [_whole(fp),
               pl.BlockSpec((None, None, bw, cp), lambda b, y, xb: (b, y, xb, 0))],
              pl.BlockSpec((None, None, bw, k * k), lambda b, y, xb: (b, y, xb, 0)),
-             fp, ctp)
+             fp, ctp, interpret=interpret)
   return _unfold_groups(dm[:, :, :w], g)
 
 
@@ -316,7 +385,8 @@ def _down_feature_grad_kernel(ctp_ref, mp_ref, df_ref, *, k, bw, bc, pad):
       df_ref[a, :, p, :] = acc
 
 
-def down_feature_grad(m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
+def down_feature_grad(m: jax.Array, ct: jax.Array, k: int,
+                      interpret: bool = False) -> jax.Array:
   """m (N, h, w, G, K*K), ct (N, h, w, G, Cg) -> d features (N, 2h, 2w, G, Cg)."""
   n, h, w, g, cg = ct.shape
   bw, wp, bc, cp = _blocks(w, cg)
@@ -330,7 +400,7 @@ def down_feature_grad(m: jax.Array, ct: jax.Array, k: int) -> jax.Array:
              [_whole(ctp), _whole(mp)],
              pl.BlockSpec((None, None, 2, bw, 2, bc),
                           lambda b, y, xb, cb: (b, y, 0, xb, 0, cb)),
-             ctp, mp)
+             ctp, mp, interpret=interpret)
   df = df.reshape(n * g, 2 * h, 2 * wp, cp)[:, :, :2 * w, :cg]
   return _unfold_groups(df, g)
 

@@ -86,7 +86,10 @@ def test_bfloat16_inputs_accumulate_in_float32_like_the_xla_formulas(direction):
 
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_gradients_under_shard_map_match_the_unsharded_ones(direction):
-  """Data-parallel training runs the ops inside shard_map (device-varying operands)."""
+  """Data-parallel training runs the ops inside shard_map (device-varying operands). On the
+  CPU the XLA formulas stand in there (no Pallas interpreter runs inside shard_map; see
+  `pallas_reassembly.by_platform`); tests/test_lowering.py lowers the same step's Triton
+  kernels for cuda, and benchmarks/device_check.py --sections kernels runs them."""
   k = 3 if direction == "up" else 4
   features, kernels = _random_case(direction, (2, 4, 6, 8), k, 1, seed=11)
   mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("batch",))
