@@ -1,35 +1,102 @@
-"""The core install: what works without TensorFlow, TFDS, OpenCV, TensorBoard and PyTorch.
+"""The core install: what works with the core dependencies only (`pip install a2u-jax`).
 
-Each check runs in a subprocess whose PYTHONPATH starts with stand-in packages for those
-five that raise ImportError, as if they were not installed.
+The fast checks run in subprocesses of the dev environment in which only the core
+install's distributions can be imported: the declared `dependencies` and theirs (resolved
+from the installed metadata, as pip resolves them), the standard library, the project,
+and pip and setuptools (what a new virtual environment holds). Any other installed
+package (TensorFlow, OpenCV, PyTorch, and whatever only they brought in, such as
+flatbuffers) is not found, as if it were not installed. The slow check installs the
+package into a new virtual environment from the package index and runs the command-line
+tools there.
 """
 
+import importlib.metadata
 import json
 import os
 import pathlib
+import shlex
+import shutil
+import ssl
 import subprocess
 import sys
 import textwrap
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_EXTRA = ("tensorflow", "tensorflow_datasets", "cv2", "tensorboard")
-# PyTorch is only the benchmarks' extra: a2u-convert reads .pth files without it.
-OPTIONAL = TRAIN_EXTRA + ("torch",)
+# Distributions of the `train` extra, and PyTorch (only the benchmarks' extra: a2u-convert
+# reads .pth files without it).
+OPTIONAL = ("tensorflow-cpu", "tensorflow", "tensorflow-datasets", "opencv-python-headless",
+            "tensorboard", "torch")
+
+# Run at start-up (sitecustomize): the path finder no longer finds the top-level modules
+# that only distributions outside the core install provide, so importing one fails and
+# importlib.util.find_spec returns None, as where they are not installed.
+_CORE_ONLY = """
+import importlib.abc, importlib.machinery, importlib.metadata, json, os, sys
+
+_allowed = set(json.loads(os.environ["A2U_CORE_DISTRIBUTIONS"]))
+_providers = importlib.metadata.packages_distributions()
+
+
+def _installed_in_core(name):
+  providers = {d.lower().replace("_", "-").replace(".", "-") for d in _providers.get(name, ())}
+  return not providers or bool(providers & _allowed) or name in sys.stdlib_module_names
+
+
+class _CoreOnly(importlib.abc.MetaPathFinder):
+  def find_spec(self, fullname, path=None, target=None):
+    if path is None and not _installed_in_core(fullname):
+      return None
+    return importlib.machinery.PathFinder.find_spec(fullname, path, target)
+
+  def invalidate_caches(self):
+    importlib.machinery.PathFinder.invalidate_caches()
+
+
+sys.meta_path[:] = [_CoreOnly() if finder is importlib.machinery.PathFinder else finder
+                    for finder in sys.meta_path]
+"""
+
+
+def core_distributions() -> set[str]:
+  """Canonical names of the distributions a core install holds: pyproject.toml's
+  `dependencies` and, recursively, theirs (with the extras they ask for and the markers
+  of this interpreter), read from the installed metadata; plus the project, pip and
+  setuptools."""
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  names = {canonicalize_name(project["name"]), "pip", "setuptools"}
+  pending = [(Requirement(line), "") for line in project["dependencies"]]
+  seen: set[tuple[str, str]] = set()
+  while pending:
+    requirement, extra = pending.pop()
+    if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
+      continue
+    name = canonicalize_name(requirement.name)
+    names.add(name)
+    for wanted in {"", *requirement.extras}:
+      if (name, wanted) not in seen:
+        seen.add((name, wanted))
+        requires = importlib.metadata.distribution(name).requires or []
+        pending += [(Requirement(line), wanted) for line in requires]
+  return names
 
 
 @pytest.fixture(scope="module")
 def without_tensorflow(tmp_path_factory) -> dict[str, str]:
-  """An environment in which the `train` extra's packages and PyTorch cannot be imported."""
-  blocked = tmp_path_factory.mktemp("blocked")
-  for name in OPTIONAL:
-    (blocked / name).mkdir()
-    (blocked / name / "__init__.py").write_text(
-        f"raise ImportError('{name} is blocked: this test runs the core install')\n")
-  return dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked), str(ROOT)]),
+  """An environment in which only the core install's distributions can be imported."""
+  startup = tmp_path_factory.mktemp("core_only")
+  (startup / "sitecustomize.py").write_text(_CORE_ONLY)
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([str(startup), str(ROOT)]),
+              A2U_CORE_DISTRIBUTIONS=json.dumps(sorted(core_distributions())),
               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
@@ -41,11 +108,20 @@ def _python(env, code: str, *args, timeout=600, cwd=None) -> subprocess.Complete
   return process
 
 
-def test_the_stand_ins_really_block(without_tensorflow):
-  for name in ("tensorflow", "torch"):
+def test_only_the_core_distributions_import(without_tensorflow):
+  core = core_distributions()
+  assert {"jax", "jaxlib", "flax", "orbax-checkpoint", "grain", "flatbuffers"} <= core
+  assert not core & set(OPTIONAL)
+  # flatbuffers is installed here because TensorFlow requires it: the core install must
+  # declare it itself (jax.export's serialization needs it).
+  for name, blocked in (("tensorflow", True), ("cv2", True), ("tensorboard", True),
+                        ("flatbuffers", False), ("orbax.checkpoint", False), ("grain", False)):
     process = subprocess.run([sys.executable, "-c", f"import {name}"],
                              env=without_tensorflow, capture_output=True, text=True)
-    assert process.returncode != 0 and "blocked" in process.stderr
+    if blocked:
+      assert f"No module named '{name}'" in process.stderr, (name, process.stderr[-2000:])
+    else:
+      assert process.returncode == 0, process.stderr[-2000:]
 
 
 def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
@@ -56,16 +132,16 @@ def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
                            metrics, models, ops, predict, pth, resamplers)
       from a2u_jax.training import loop, state, steps
       import data_pipeline
-      from data_pipeline import evaluation, synthetic_stream, trimaps
+      from data_pipeline import evaluation, jax_pipeline, trimaps
 
       x = jnp.ones((1, 16, 16, 32))
       down = layers.A2UDownsample()
       y, kernels = down.apply(down.init(jax.random.key(0), x), x)
       z = layers.A2UUpsample().apply({}, y, kernels)
       items = data_pipeline.synthetic_items(count=1, min_size=32, max_size=40)
-      batch = next(data_pipeline.SyntheticStream(
-          num_foregrounds=2, num_backgrounds=2, min_size=40, max_size=48).batches(
-              batch_size=2, crop_size=32))
+      batch = next(jax_pipeline.JaxStream(jax_pipeline.host_source(
+          "synthetic", num_foregrounds=2, num_backgrounds=2, min_size=40, max_size=48),
+          batch_size=2, crop_size=32).batches())
       errors = {}
       for what, call in (
           ("build_source", lambda: data_pipeline.build_source("adobe", root="x")),
@@ -124,7 +200,7 @@ def test_real_sources_through_tf_say_they_need_the_extra(without_tensorflow, tmp
       env=without_tensorflow, capture_output=True, text=True, timeout=300)
   assert process.returncode != 0
   assert "pip install 'a2u-jax[train]'" in process.stderr
-  assert "--config.data.pipeline=numpy" in process.stderr
+  assert "--config.data.pipeline=jax" in process.stderr
   assert not (tmp_path / "run").exists()
 
 
@@ -171,28 +247,81 @@ def test_smoke_training_predict_and_evaluate_without_tensorflow(without_tensorfl
   assert len((tmp_path / "evaluation" / "metrics.csv").read_text().splitlines()) == 3
 
 
-@pytest.mark.slow  # installs the core dependencies into a new virtual environment
-def test_a_fresh_core_virtualenv_runs_the_operator_and_predict(tmp_path):
+def _pip_settings() -> dict[str, str]:
+  """pip's configuration (`pip config list`: its files and PIP_* variables), by option
+  name; a variable wins over the files, as in pip."""
+  listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                          text=True, check=True).stdout
+  settings: dict[str, str] = {}
+  for line in sorted(listed.splitlines(), key=lambda line: line.startswith(":env:")):
+    key, _, value = line.partition("=")
+    settings[key.split(".", 1)[-1]] = value.strip().strip("'\"")
+  return settings
+
+
+def _reachable(url: str, cafile: str | None) -> bool:
+  """Whether the package index at `url` answers (any HTTP status), or is a folder."""
+  parsed = urllib.parse.urlparse(url)
+  if parsed.scheme not in ("http", "https"):  # file: or a path
+    return pathlib.Path(urllib.request.url2pathname(parsed.path)).is_dir()
+  try:
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20,
+                           context=ssl.create_default_context(cafile=cafile))
+  except urllib.error.HTTPError:
+    return True
+  except (urllib.error.URLError, OSError):
+    return False
+  return True
+
+
+def _skip_unless_an_index_is_reachable() -> None:
+  """Skips, naming them, when none of pip's package indexes can be reached."""
+  settings = _pip_settings()
+  if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+    return  # find-links only: nothing to reach
+  indexes = [settings.get("index-url", "https://pypi.org/simple"),
+             *settings.get("extra-index-url", "").split()]
+  if not any(_reachable(url, settings.get("cert")) for url in indexes):
+    pytest.skip(f"no package index can be reached to install the core dependencies "
+                f"(pip is configured with {', '.join(indexes)})")
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+  process = subprocess.run(command, capture_output=True, text=True, **kwargs)
+  assert process.returncode == 0, f"{shlex.join(command)}: {process.stderr[-3000:]}"
+  return process
+
+
+@pytest.mark.slow  # installs the core dependencies into a new virtual environment (minutes)
+def test_a_fresh_core_virtualenv_runs_the_operator_export_and_predict(tmp_path):
+  """`pip install a2u-jax` (no extras) into a new virtual environment, from pip's package
+  index, then the operator, a2u-predict, a2u-export and a2u-predict --exported there."""
   import jax
   import jax.numpy as jnp
 
   from a2u_jax import checkpointing, models
 
+  _skip_unless_an_index_is_reachable()
   options = {"resampler": "a2u", "resampler_options": {"share": True}}
   model = models.build_model(options)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
   checkpoint = checkpointing.save_model_checkpoint(tmp_path / "model", variables, options)
+  # A copy of the sources, so that building the package writes nothing into the repository.
+  source = tmp_path / "source"
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, source / name)
+  for name in ("a2u_jax", "data_pipeline", "configs"):
+    shutil.copytree(ROOT / name, source / name,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
   venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-  python = str(venv / "bin" / "python")
-  install = subprocess.run([python, "-m", "pip", "install", "--quiet", str(ROOT)],
-                           capture_output=True, text=True, timeout=1200)
-  assert install.returncode == 0, install.stderr[-3000:]
-  listed = subprocess.run([python, "-m", "pip", "list", "--format=json"], capture_output=True,
-                          text=True, check=True).stdout
-  installed = {p["name"].lower().replace("_", "-") for p in json.loads(listed)}
-  assert not installed & {"tensorflow", "tensorflow-cpu", "tensorflow-datasets",
-                          "opencv-python-headless", "tensorboard"}
+  _run([sys.executable, "-m", "venv", str(venv)])  # without the system's site-packages
+  python, scripts = str(venv / "bin" / "python"), venv / "bin"
+  _run([python, "-m", "pip", "install", "--quiet", str(source)], timeout=1800)
+  listed = _run([python, "-m", "pip", "list", "--format=json"]).stdout
+  installed = {canonicalize_name(p["name"]) for p in json.loads(listed)}
+  assert "flatbuffers" in installed
+  assert not installed & set(OPTIONAL), installed & set(OPTIONAL)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH="")
   snippet = """
       import jax, jax.numpy as jnp
@@ -202,14 +331,21 @@ def test_a_fresh_core_virtualenv_runs_the_operator_and_predict(tmp_path):
       y, up_kernels = down.apply(down.init(jax.random.key(0), x), x)
       z = layers.A2UUpsample().apply({}, y, up_kernels)
       assert z.shape == x.shape, z.shape
-      print("operator ok")
       """
+  _run([python, "-c", textwrap.dedent(snippet)], env=env, cwd=tmp_path)
   _write_pair(tmp_path / "photos", "dog")
-  subprocess.run([python, "-c", textwrap.dedent(snippet)], env=env, cwd=tmp_path, check=True)
-  predict = subprocess.run(
-      [python, "-m", "a2u_jax.predict", "--checkpoint", str(checkpoint), "--image",
-       str(tmp_path / "photos" / "image" / "dog.png"), "--trimap",
-       str(tmp_path / "photos" / "trimap" / "dog.png"), "--out", str(tmp_path / "out")],
-      env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-  assert predict.returncode == 0, predict.stderr[-3000:]
-  assert (tmp_path / "out" / "dog_alpha.png").exists()
+  pair = ["--image", str(tmp_path / "photos" / "image" / "dog.png"),
+          "--trimap", str(tmp_path / "photos" / "trimap" / "dog.png")]
+  _run([str(scripts / "a2u-predict"), "--checkpoint", str(checkpoint), *pair, "--out",
+        str(tmp_path / "out")], env=env, cwd=tmp_path, timeout=600)
+  artifact = tmp_path / "serving" / "a2u.jaxexport"
+  _run([str(scripts / "a2u-export"), "--checkpoint", str(checkpoint), "--out", str(artifact),
+        "--platforms", "cpu"], env=env, cwd=tmp_path, timeout=600)
+  _run([str(scripts / "a2u-predict"), "--exported", str(artifact), *pair, "--out",
+        str(tmp_path / "exported")], env=env, cwd=tmp_path, timeout=600)
+  through_checkpoint, through_artifact = (
+      np.asarray(Image.open(tmp_path / out / "dog_alpha.png")).astype(int)
+      for out in ("out", "exported"))
+  assert through_checkpoint.shape == (40, 36)
+  assert (through_artifact[:8] == 0).all() and (through_artifact[-8:] == 255).all()
+  assert np.abs(through_artifact - through_checkpoint).max() <= 1
