@@ -89,7 +89,8 @@ def _reassembly_specs(direction, shape, kernel_size, groups, dtype=jnp.float32):
 
 @pytest.mark.parametrize("direction,shape,kernel_size,groups,dtype", [
     *[case + (jnp.float32,) for case in REASSEMBLY_CASES],
-    ("up", (1, 8, 8, 16), 3, 1, jnp.bfloat16), ("down", (1, 16, 16, 16), 4, 1, jnp.bfloat16)])
+    ("up", (1, 8, 8, 16), 3, 1, jnp.bfloat16),
+    ("down", (1, 16, 16, 16), 4, 1, jnp.bfloat16)])
 def test_pallas_reassembly_exports_for_cuda_as_triton_kernels(direction, shape, kernel_size,
                                                              groups, dtype):
   grad = jax.jit(jax.grad(_reassembly_loss(direction, kernel_size, groups, "pallas"),
@@ -208,15 +209,29 @@ def _abstract_batch(batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
           "trimap": _spec((batch_size, CROP, CROP, 1), jnp.uint8)}
 
 
-def _lowered_train_step(resampler, dtype, implementation, platforms) -> str:
-  """train.py's data-parallel step (shard_map over the four CPU devices of the tests)."""
+def _train_step_module(resampler, dtype, implementation, platforms) -> str:
+  """train.py's data-parallel step (shard_map over the four CPU devices of the tests; the
+  state and key replicated, the batch split) exported for `platforms`."""
   config = _config(resampler, dtype, implementation)
   runtime = parallel.DataParallel()
   model = state_lib.model_from_config(config, axis_name=parallel.AXIS)
   step = loop.make_train_step(config, runtime)
-  return lowered(step, _abstract_state(config, model),
-                 _abstract_batch(config.batch_size * len(runtime.devices)),
-                 jax.eval_shape(lambda: jax.random.key(0)), platforms=platforms)
+
+  def placed(tree, sharding):
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        tree)
+
+  args = (placed(_abstract_state(config, model), runtime.replicated),
+          placed(_abstract_batch(config.batch_size * len(runtime.devices)), runtime.split),
+          placed(jax.eval_shape(lambda: jax.random.key(0)), runtime.replicated))
+  if implementation == "pallas":
+    # Serialisation refuses Triton's custom calls (jax.export's safety check): lowered only.
+    return lowered(step, *args, platforms=platforms)
+  exported = jax.export.export(step, platforms=platforms)(*args)
+  # (Not serialised: the optimiser state's pytree holds optax nodes that jax.export has
+  # no serialisation for; the exported module is what an accelerator compiles.)
+  assert exported.nr_devices == len(runtime.devices) > 1
+  return exported.mlir_module()
 
 
 # (resampler, dtype, implementation, slow): the A2U network's reassemblies (encoder down
@@ -242,10 +257,10 @@ TRAIN_STEPS = [
                  id="-".join(str(part) for part in case[:3])) for case in TRAIN_STEPS])
 def test_train_step_lowers(resampler, dtype, implementation):
   if implementation == "pallas":
-    assert_gpu_kernels(_lowered_train_step(resampler, dtype, implementation, ("cuda",)),
+    assert_gpu_kernels(_train_step_module(resampler, dtype, implementation, ("cuda",)),
                        8 * KERNELS_PER_REASSEMBLY)
     return
-  text = _lowered_train_step(resampler, dtype, implementation, BOTH)
+  text = _train_step_module(resampler, dtype, implementation, BOTH)
   assert triton_calls(text) == 0
   # The cross-device reductions of the data-parallel step survive the lowering.
   assert "all_reduce" in text
