@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import tempfile
 from typing import Any
@@ -59,7 +60,10 @@ def save_model_checkpoint(directory: str | os.PathLike, variables: dict[str, Any
     raise FileExistsError(f"{directory} exists and is not empty; pass force=True (--force) "
                           f"to replace it")
   directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  # Made as mkdir makes folders, 0777 less the umask (mkdtemp's are 0700 whatever the
+  # umask), so the checkpoint renamed from it is as readable as the user's other files.
+  staging = directory.with_name(f".{directory.name}.{secrets.token_hex(6)}")
+  staging.mkdir()
   try:
     checkpointer = _process_local_checkpointer()
     checkpointer.save(staging / VARIABLES_DIR, jax.tree.map(np.asarray, variables))

@@ -22,15 +22,18 @@ options and checkpoint it came from, and the artifact's SHA-256.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
+import secrets
 import sys
 import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+import jax.interpreters.mlir
 import jax.numpy as jnp
 
 from a2u_jax import checkpointing, inputs, resamplers
@@ -91,12 +94,23 @@ def _model_options(model) -> dict[str, Any]:
                                else str(v)))
 
 
+def _signature(exported: jax.export.Exported) -> list[dict[str, Any]]:
+  """The shape (symbolic dimensions as text) and dtype of each input, then the output."""
+  return [{"shape": [str(d) for d in aval.shape], "dtype": str(aval.dtype)}
+          for aval in exported.in_avals + exported.out_avals]
+
+
+# What `export_model` makes: image and trimap in, alpha out.
+SIGNATURE = [{"shape": ["batch", f"{NETWORK_STRIDE}*h", f"{NETWORK_STRIDE}*w", str(channels)],
+              "dtype": dtype} for channels, dtype in ((3, "float32"), (1, "uint8"),
+                                                      (1, "float32"))]
+
+
 def describe(exported: jax.export.Exported, model, checkpoint: str | os.PathLike
              ) -> dict[str, Any]:
   """The JSON description of an artifact of `export_model` (without the file's name and
   digest, which `save_exported` adds)."""
-  image, trimap, alpha = ({"shape": [str(d) for d in aval.shape], "dtype": str(aval.dtype)}
-                          for aval in exported.in_avals + exported.out_avals)
+  image, trimap, alpha = _signature(exported)
   return {
       "format_version": FORMAT_VERSION,
       "jax_version": jax.__version__,
@@ -118,14 +132,17 @@ def describe(exported: jax.export.Exported, model, checkpoint: str | os.PathLike
 
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """Writes through a temporary sibling and a rename: `path` is never half-written."""
-  handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  """Writes through a temporary sibling and a rename: `path` is never half-written. The
+  file gets the mode open() gives, 0666 less the umask (mkstemp's are 0600 whatever the
+  umask, which a serving account or a teammate could not read)."""
+  staging = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+  handle = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(handle, "wb") as file:
       file.write(data)
     os.replace(staging, path)
   except BaseException:
-    pathlib.Path(staging).unlink(missing_ok=True)
+    staging.unlink(missing_ok=True)
     raise
 
 
@@ -155,7 +172,9 @@ def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
 
 def load_exported(path: str | os.PathLike) -> tuple[jax.export.Exported, dict[str, Any]]:
   """(artifact, description) of a file written by `save_exported`, after checking that
-  the description is one this version reads and that it belongs to the file."""
+  the description is one this version reads and that it belongs to the file, and that
+  this JAX reads the artifact whole. FileNotFoundError or ValueError, in one line naming
+  the file, otherwise (missing, damaged, incompatible: export the model again)."""
   path = pathlib.Path(path)
   json_path = description_path(path)
   for needed in (path, json_path):
@@ -174,7 +193,56 @@ def load_exported(path: str | os.PathLike) -> tuple[jax.export.Exported, dict[st
   if hashlib.sha256(data).hexdigest() != description.get("sha256"):
     raise ValueError(f"{path}: its SHA-256 is not the one {json_path.name} records (a "
                      f"different or interrupted export); export the model again")
-  return jax.export.deserialize(bytearray(data)), description
+  return _deserialize(path, data), description
+
+
+def _deserialize(path: pathlib.Path, data: bytes) -> jax.export.Exported:
+  """The artifact in `data`, read whole: its StableHLO is parsed here (`deserialize`
+  leaves that to the first call) and its signature checked. ValueError, in one line
+  naming `path`, for one this JAX cannot read (damaged, or from an incompatible JAX);
+  what MLIR prints about it on stderr is dropped."""
+  def refuse(reason: str) -> ValueError:
+    return ValueError(f"{path}: damaged, or written by a JAX this one ({jax.__version__}) "
+                      f"cannot run ({reason}); export the model again")
+
+  try:
+    with _stderr_dropped_on_failure(), jax.interpreters.mlir.make_ir_context():
+      exported = jax.export.deserialize(bytearray(data))
+      exported.mlir_module(serialized=False)  # parsed only, not printed (~5x faster)
+  except Exception as error:  # struct.error, TypeError, XLA's runtime error, ...
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raise refuse(lines[0][:200] if lines else type(error).__name__) from None
+  version = exported.calling_convention_version
+  supported = (jax.export.minimum_supported_calling_convention_version,
+               jax.export.maximum_supported_calling_convention_version)
+  if not supported[0] <= version <= supported[1]:
+    raise refuse(f"calling convention version {version}, not {supported[0]} to "
+                 f"{supported[1]}")
+  if _signature(exported) != SIGNATURE:
+    raise refuse(f"its inputs and output are {_signature(exported)}, not a2u-export's "
+                 f"{SIGNATURE}")
+  return exported
+
+
+@contextlib.contextmanager
+def _stderr_dropped_on_failure() -> Iterator[None]:
+  """Holds what is written to file descriptor 2 (C++ libraries write there, not to
+  sys.stderr) in a temporary file: replayed if the block succeeds, dropped if it raises."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      held.truncate(0)
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      os.write(2, held.read())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -107,12 +107,18 @@ class ExportedPredictor:
   without the model code: image float32 (B, H, W, 3) in [0, 1] and trimap uint8
   (B, H, W, 1), H and W multiples of 16 -> float32 alphas (B, H, W, 1) on the host. It runs
   on JAX's default device (one of the platforms it was lowered for); each input shape
-  compiles once."""
+  compiles once. An artifact that cannot run here (damaged, from an incompatible JAX,
+  lowered for other platforms) raises ValueError, in one line naming it, when opened."""
 
   rows = 1
 
   def __init__(self, path: str | pathlib.Path):
     self.exported, self.description = export.load_exported(path)
+    platform = jax.export.default_export_platform()
+    if platform not in self.exported.platforms:
+      raise ValueError(f"{path}: lowered for {', '.join(self.exported.platforms)}, not for "
+                       f"this machine's {platform}; export it again with --platforms "
+                       f"{platform}")
 
   def __call__(self, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
     return np.asarray(self.exported.call(image, trimap))

@@ -1,7 +1,10 @@
 """a2u-export: the serialized jax.export artifact, its description, and running it with
 a2u-predict --exported and, without any of this code, in a fresh process."""
 
+import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -217,3 +220,112 @@ def test_predict_runs_the_artifact_with_exported(exported, tmp_path):
   flips = through_artifact - through_checkpoint
   assert np.abs(flips).max() <= 1 and np.mean(flips != 0) <= 0.01
   assert (tmp_path / "exported" / "image_preview.png").exists()
+
+
+def _remake_description(artifact: pathlib.Path, data: bytes, like: pathlib.Path) -> None:
+  """Writes `data` to `artifact` with a copy of `like`'s description whose digest is
+  `data`'s (as someone who "repairs" a description by hand would)."""
+  artifact.write_bytes(data)
+  described = json.loads(export.description_path(like).read_text())
+  export.description_path(artifact).write_text(json.dumps(
+      {**described, "artifact": artifact.name, "sha256": hashlib.sha256(data).hexdigest()}))
+
+
+def _damaged(data: bytes, how: str) -> bytes:
+  """`data` damaged `how`, each at a place where this JAX must notice it: truncated,
+  emptied, a bit flipped in the StableHLO module's header, or in the signature."""
+  if how == "truncated":
+    return data[:len(data) // 2]
+  if how == "empty":
+    return b""
+  module = bytes(jax.export.deserialize(bytearray(data)).mlir_module_serialized)
+  at = data.find(module[:256]) + 2 if how == "module_bit_flipped" else data.find(b"16*h")
+  assert at >= 2
+  return data[:at] + bytes([data[at] ^ 0x08]) + data[at + 1:]
+
+
+def _predict_exported(artifact: pathlib.Path, tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+  """a2u-predict --exported ARTIFACT on a 20x24 image, in a subprocess, into tmp_path/out."""
+  trimap = np.full((20, 24), 128, np.uint8)
+  trimap[:5] = 0
+  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "image.png")
+  Image.fromarray(trimap).save(tmp_path / "trimap.png")
+  return subprocess.run(
+      [sys.executable, "-m", "a2u_jax.predict", "--exported", str(artifact), "--image",
+       str(tmp_path / "image.png"), "--trimap", str(tmp_path / "trimap.png"), "--out",
+       str(tmp_path / "out")], cwd=pathlib.Path(__file__).parents[1], capture_output=True,
+      text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _assert_one_line_refusal(process: subprocess.CompletedProcess, start: str, end: str,
+                             tmp_path: pathlib.Path) -> None:
+  lines = process.stderr.strip().splitlines()
+  assert process.returncode != 0 and "Traceback" not in process.stderr, process.stderr[-3000:]
+  assert len(lines) == 1, process.stderr[-3000:]
+  assert lines[0].startswith(start) and lines[0].endswith(end), lines[0]
+  assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "module_bit_flipped",
+                                 "signature_bit_flipped"])
+def test_a_damaged_artifact_with_a_remade_description_is_refused_in_one_line(
+    exported, how, tmp_path):
+  artifact = tmp_path / "damaged.jaxexport"
+  _remake_description(artifact, _damaged(exported[1].read_bytes(), how), exported[1])
+  _assert_one_line_refusal(
+      _predict_exported(artifact, tmp_path),
+      f"error: {artifact}: damaged, or written by a JAX this one ({jax.__version__}) cannot "
+      f"run (", "); export the model again", tmp_path)
+
+
+def test_an_interrupted_copy_is_refused_in_one_line(exported, tmp_path):
+  artifact = tmp_path / "copy.jaxexport"
+  artifact.write_bytes(exported[1].read_bytes()[:1000])
+  export.description_path(artifact).write_text(
+      export.description_path(exported[1]).read_text())
+  _assert_one_line_refusal(
+      _predict_exported(artifact, tmp_path),
+      f"error: {artifact}: its SHA-256 is not the one copy.jaxexport.json records",
+      "; export the model again", tmp_path)
+
+
+def _stand_in(platforms: tuple[str, ...]) -> jax.export.Exported:
+  """A function of the artifact's signature (the mean of the colour channels as alpha),
+  lowered for `platforms`: cheap to export and to run."""
+  batch, h, w = jax.export.symbolic_shape("batch, h, w")
+  return jax.export.export(
+      jax.jit(lambda image, trimap: jnp.mean(image, axis=-1, keepdims=True)),
+      platforms=platforms)(jax.ShapeDtypeStruct((batch, 16 * h, 16 * w, 3), jnp.float32),
+                           jax.ShapeDtypeStruct((batch, 16 * h, 16 * w, 1), jnp.uint8))
+
+
+def test_an_artifact_for_other_platforms_is_refused_in_one_line(tmp_path):
+  artifact = export.save_exported(tmp_path / "tpu.jaxexport", _stand_in(("tpu",)),
+                                  {"format_version": export.FORMAT_VERSION})
+  _assert_one_line_refusal(
+      _predict_exported(artifact, tmp_path),
+      f"error: {artifact}: lowered for tpu, not for this machine's cpu; export it again "
+      f"with --platforms cpu", "cpu", tmp_path)
+
+
+def test_unsupported_calling_conventions_and_other_signatures_are_refused(tmp_path,
+                                                                        monkeypatch):
+  artifact = export.save_exported(tmp_path / "a.jaxexport", _stand_in(("cpu",)),
+                                  {"format_version": export.FORMAT_VERSION})
+  loaded, _ = export.load_exported(artifact)
+  assert loaded.call(np.ones((1, 16, 16, 3), np.float32),
+                     np.zeros((1, 16, 16, 1), np.uint8)).shape == (1, 16, 16, 1)
+  sine = jax.export.export(jax.jit(jnp.sin))(jax.ShapeDtypeStruct((3,), jnp.float32))
+  other = export.save_exported(tmp_path / "sine.jaxexport", sine,
+                               {"format_version": export.FORMAT_VERSION})
+  with pytest.raises(ValueError, match=r"sine.jaxexport: damaged, .* cannot run \(its inputs "
+                                       r"and output are \[\{'shape': \['3'\]"):
+    export.load_exported(other)
+  deserialize = jax.export.deserialize
+  newest = jax.export.maximum_supported_calling_convention_version
+  monkeypatch.setattr(jax.export, "deserialize", lambda blob: dataclasses.replace(
+      deserialize(blob), calling_convention_version=newest + 1))
+  with pytest.raises(ValueError, match=rf"a.jaxexport: damaged, or written by a JAX this one "
+                                       rf".* cannot run \(calling convention version "
+                                       rf"{newest + 1}, not \d+ to {newest}\); export"):
+    export.load_exported(artifact)
