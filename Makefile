@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The demo's run skips validation (its compile is as long as the training step's); the
+# The demo trains on the smoke config (synthetic data through the JAX pipeline, no
+# TensorFlow) and skips validation (its compile is as long as the training step's); the
 # example's matte afterwards shows the network's output.
 demo: $(VENV)/.installed
 	$(PY) train.py --config configs/smoke.py --workdir demo_out/run --config.eval_every=0

@@ -48,8 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # -1: num_epochs * steps_per_epoch
 
   config.data = ml_collections.ConfigDict()
+  # The sources are declared in data_pipeline/catalog.py, with their options:
   config.data.source = "adobe"  # synthetic | adobe | d646 | folder | tfds
-  # tf: the tf.data compositing pipeline (needs the `train` extra); numpy: synthetic only.
+  # Two executors of one protocol (data_pipeline/protocol.py), for every source: tf, the
+  # tf.data pipeline, the reference (needs the `train` extra); jax, composited on the
+  # accelerator (data_pipeline/jax_pipeline.py; no TensorFlow). A seed gives both executors
+  # the same alphas and trimaps.
   config.data.pipeline = "tf"
   config.data.options = ml_collections.ConfigDict(dict(
       root=config_dict.placeholder(str), background_dir=config_dict.placeholder(str),

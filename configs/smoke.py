@@ -1,6 +1,6 @@
 """A tiny run for CPUs and tests: synthetic data, small crops, a checkpoint every 5 steps.
 
-The data comes from the NumPy synthetic stream, so it needs no TensorFlow.
+The data goes through the JAX pipeline (the whole protocol), so it needs no TensorFlow.
 
   python train.py --config configs/smoke.py --workdir /tmp/run
 """
@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_epoch = 10
   config.learning_rate = 1e-3
   config.data.source = "synthetic"
-  config.data.pipeline = "numpy"
+  config.data.pipeline = "jax"
   config.data.options = ml_collections.ConfigDict(dict(
       num_foregrounds=4, num_backgrounds=4, min_size=80, max_size=128, seed=0))
   config.validation.options = ml_collections.ConfigDict(dict(

@@ -1,28 +1,28 @@
-"""Matting data: the tf.data compositing pipeline, evaluation sets, and a NumPy synthetic
-stream for machines without TensorFlow.
+"""Matting data: one training protocol, two executors of it, the sources they read, and the
+evaluation sets.
 
-Training (tf.data, needs the `train` extra: `pip install 'a2u-jax[train]'`):
-  source = build_source(name, **options)   'synthetic', 'adobe', 'd646', 'folder', 'tfds'
-  batches = train_batches(source, batch_size=16, crop_size=512, seed=0,
-                          shard_index=0, num_shards=1)
-  split_for_devices(batch, num_devices)    host batch -> (devices, per_device, ...)
-Training without TensorFlow (synthetic data only, same batch contract):
-  SyntheticStream(**synthetic options).batches(batch_size=..., crop_size=..., seed=...)
-Evaluation (no TensorFlow, except for the TFDS sets):
-  items = folder_items(root) | alphamatting_items(root) | tfds_items(name, data_dir)
-          | synthetic_items()
-  eval_batches(items, batch_size=...)      full resolution, reflect-padded, shape buckets
+  protocol      the Deep Image Matting protocol once: constants, random decisions per
+                (seed, example index), the global stream's order
+  catalog       the training sources, declared once: synthetic, adobe, d646, folder, tfds
+  tf executor   source = build_source(name, **options); train_batches(source, batch_size=,
+                crop_size=, seed=, shard_index=, num_shards=, skip_batches=): the reference
+                (tf.data; composition, sources, training; needs 'a2u-jax[train]')
+  jax executor  jax_pipeline.JaxStream(jax_pipeline.host_source(name, **options), ...)
+                .batches(): the host reads, the device composites (jax_composition); no TF
+  evaluation    folder_items | alphamatting_items | tfds_items | synthetic_items, then
+                eval_batches(items, batch_size=): full resolution, shape buckets
 
-Names are resolved on first use, so `import data_pipeline` (and everything evaluation and
-the synthetic stream need) does not import TensorFlow; the tf.data names import it when
-they are first touched, and say how to install it when it is missing. The package never
-imports `a2u_jax`: the network's input encoding is `a2u_jax.inputs.model_inputs`.
+Both executors give example k the same decisions, so the same seed gives the same alphas
+and trimaps. Names resolve on first use: `import data_pipeline` imports no TensorFlow (the
+tf.data names import it when first touched and say how to install it), and the package never
+imports `a2u_jax` (the network's input encoding is `a2u_jax.inputs.model_inputs`).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from data_pipeline.catalog import SOURCES
 from data_pipeline.files import IMAGE_EXTENSIONS, SourceError
 
 TENSORFLOW_HINT = ("needs TensorFlow and TensorFlow Datasets, which the core install "
@@ -37,21 +37,24 @@ _LAZY = {
     "num_buckets": "data_pipeline.evaluation",
     "synthetic_items": "data_pipeline.evaluation",
     "tfds_items": "data_pipeline.evaluation",
-    "SyntheticStream": "data_pipeline.synthetic_stream",
     "ArraySource": "data_pipeline.sources",
     "FileSource": "data_pipeline.sources",
     "Source": "data_pipeline.sources",
     "TfdsSource": "data_pipeline.sources",
-    "adobe_source": "data_pipeline.sources",
-    "d646_source": "data_pipeline.sources",
-    "folder_source": "data_pipeline.sources",
-    "synthetic_source": "data_pipeline.sources",
-    "tfds_source": "data_pipeline.sources",
     "split_for_devices": "data_pipeline.training",
     "train_batches": "data_pipeline.training",
     "train_dataset": "data_pipeline.training",
 }
-SOURCES = ("synthetic", "adobe", "d646", "folder", "tfds")
+# Names that went, and what replaced them (one line instead of an AttributeError).
+_REMOVED = {
+    "SyntheticStream": "data_pipeline.SyntheticStream (the NumPy stream) was removed: use "
+                       "jax_pipeline.JaxStream(jax_pipeline.host_source('synthetic', ...)) "
+                       "(same synthetic source, the whole protocol, no TensorFlow)",
+    **{f"{name}_source": f"data_pipeline.{name}_source was removed: use "
+                         f"data_pipeline.build_source({name!r}, ...) (tf.data) or "
+                         f"jax_pipeline.host_source({name!r}, ...)"
+       for name in SOURCES},
+}
 
 
 def require_tensorflow(what: str) -> None:
@@ -63,6 +66,8 @@ def require_tensorflow(what: str) -> None:
 
 
 def __getattr__(name: str):
+  if name in _REMOVED:
+    raise AttributeError(_REMOVED[name])
   if name not in _LAZY:
     raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
   module = _LAZY[name]
@@ -74,15 +79,14 @@ def __getattr__(name: str):
 
 
 def build_source(name: str, **options):
-  """A tf.data training source by name: 'synthetic', 'adobe', 'd646', 'folder' or 'tfds'.
+  """The tf.data readers of source `name` (`catalog.SOURCES`) with that declaration's
+  options (e.g. `root=`, `background_dir=`), checked there."""
+  from data_pipeline import catalog
 
-  Options are those of the matching `*_source` function (e.g. `root=`, `background_dir=`).
-  """
-  if name not in SOURCES:
-    raise ValueError(f"unknown source {name!r}; expected one of {', '.join(SOURCES)}")
+  declare = catalog.declaration(name)  # an unknown name is refused before TF is asked for
   require_tensorflow(f"data source {name!r} (the tf.data pipeline)")
   from data_pipeline import sources
-  return getattr(sources, f"{name}_source")(**options)
+  return sources.from_catalog(declare(**options))
 
 
 __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "SourceError", "build_source",

@@ -23,6 +23,12 @@ class SourceError(ValueError):
   """A dataset that the pipeline cannot use as it is (the message says what and where)."""
 
 
+# What a training alpha whose channels differ is told (after its path), by both executors:
+# mixed to grey, it would train on a matte nobody drew.
+COLOUR_ALPHA = ("is a colour image (its R, G and B differ), not an alpha matte; save the "
+                "matte as a single-channel (greyscale) image")
+
+
 # PIL's modes of 16-bit greyscale files (PNG, TIFF).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
@@ -51,8 +57,8 @@ EXIF_TRANSFORMS = {
 }
 
 
-def read_image(path: str | os.PathLike | bytes, kind: str, *, name: str | None = None
-               ) -> tuple[np.ndarray, bool]:
+def read_image(path: str | os.PathLike | bytes, kind: str, *, name: str | None = None,
+               grey_only: bool = False) -> tuple[np.ndarray, bool]:
   """Reads an image file (a path, or its bytes with `name` to show in errors) as
   `cv2.imread` does: (array, whether an alpha channel was dropped).
 
@@ -71,8 +77,10 @@ def read_image(path: str | os.PathLike | bytes, kind: str, *, name: str | None =
   - an alpha channel is dropped (the caller says so: the colour values are used as stored).
   "alpha" (ground-truth mattes) reads as "grey", except that the matte of a file with an
   alpha channel (RGBA, LA, a palette with transparency) is that channel.
-  32-bit integer and floating-point files are refused: their range is not defined. Errors
-  name the file.
+  32-bit integer and floating-point files are refused: their range is not defined.
+  grey_only (training alphas, kind "grey"): a colour file whose channels differ is refused
+  (`COLOUR_ALPHA`) instead of mixed; one whose channels are equal reads as that channel,
+  which is what every mix above gives for it. Errors name the file.
   """
   if kind not in ("rgb", "grey", "alpha"):
     raise ValueError(f"kind must be 'rgb', 'grey' or 'alpha', got {kind!r}")
@@ -88,6 +96,11 @@ def read_image(path: str | os.PathLike | bytes, kind: str, *, name: str | None =
       dropped = mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info)
       if kind == "alpha" and dropped:
         values, dropped = np.asarray(image.convert("RGBA").getchannel("A")), False
+      elif grey_only and kind == "grey" and mode not in _GREY_MODES + _SIXTEEN_BIT_MODES:
+        rgb = np.asarray(image.convert("RGB"))
+        if (rgb != rgb[..., :1]).any():
+          raise SourceError(f"{path}: {COLOUR_ALPHA}")
+        values = rgb[..., 0]
       else:
         values = _decode(image, "grey" if kind == "alpha" else kind)
     return orient(values, exif_orientation(source.getvalue() if encoded else path)), dropped

@@ -1,14 +1,12 @@
-"""Training batches composited on the accelerator, without TensorFlow.
+"""The JAX executor: training batches composited on the accelerator, without TensorFlow.
 
 The host reads, decodes and plans (grain: threads, deterministic order, a prefetch buffer);
 the device composites (`data_pipeline.jax_composition`). The stream is the tf.data
-pipeline's (`data_pipeline.training`): example k of the global stream, its foreground and
-every random decision come from (seed, k) through `data_pipeline.protocol`; global batch b
-holds examples [b * B, (b + 1) * B) with B = batch_size * num_shards, and shard s takes its
-contiguous batch_size slice. So the iterator's whole state is the number of batches it has
-given: resuming at batch b (`skip_batches`, the training step) repeats and skips nothing.
+executor's (`data_pipeline.protocol`: example k's decisions from (seed, k), a process's
+examples by `global_index`), so its whole state is the number of batches it has given:
+resuming at batch b (`skip_batches`, the training step) repeats and skips nothing.
 
-  source = host_source("folder", root="/data/matting")
+  source = host_source("folder", root="/data/matting")   # data_pipeline.catalog's sources
   stream = JaxStream(source, batch_size=16, crop_size=512, seed=0)
   for batch in stream.batches():   # dicts of jax.Array on the default device(s)
     ...
@@ -22,14 +20,10 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
-from data_pipeline import file_lists, jax_composition, protocol, synthetic
-from data_pipeline.files import (EXIF_TRANSFORMS, SourceError, check_positive,
-                                 check_stream_arguments, exif_orientation, read_image)
-
-SOURCES = ("synthetic", "adobe", "d646", "folder", "tfds")
-_NO_END = 2**62
+from data_pipeline import catalog, jax_composition, protocol
+from data_pipeline.files import (SourceError, check_positive, check_stream_arguments,
+                                 read_image, upright_size)
 
 
 class HostSource:
@@ -62,7 +56,8 @@ class HostSource:
 
   @staticmethod
   def _decode(path: str, kind: str) -> np.ndarray:
-    return read_image(path, kind)[0]
+    # Alphas ("grey") in colour are refused: mixed, they would train on a matte nobody drew.
+    return read_image(path, kind, grey_only=kind == "grey")[0]
 
   def _image(self, item, kind: str) -> np.ndarray:
     return item if isinstance(item, np.ndarray) else self._read(item, kind)
@@ -88,13 +83,7 @@ class HostSource:
   def background_size(self, index: int) -> tuple[int, int]:
     return self._size(self._backgrounds[index])
 
-  @staticmethod
-  @functools.lru_cache(maxsize=None)
-  def _header_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as image:
-      width, height = image.size
-    transpose = EXIF_TRANSFORMS[exif_orientation(path)][0]
-    return (width, height) if transpose else (height, width)
+  _header_size = staticmethod(functools.lru_cache(maxsize=None)(upright_size))
 
   def _size(self, item) -> tuple[int, int]:
     return item.shape[:2] if isinstance(item, np.ndarray) else self._header_size(item)
@@ -104,32 +93,19 @@ class HostSource:
             f"{self.num_backgrounds} backgrounds, epoch of {self.epoch_length})")
 
 
-def synthetic_source(num_foregrounds: int = 8, num_backgrounds: int = 16,
-                     min_size: int = 320, max_size: int = 640, seed: int = 0,
-                     backgrounds_per_foreground: int = 4) -> HostSource:
-  """Seeded synthetic images in memory (the tf.data `synthetic_source`'s)."""
-  foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(
-      num_foregrounds, num_backgrounds, min_size, max_size, seed)
-  return HostSource(f"synthetic(seed={seed})", foregrounds, alphas, backgrounds,
-                    backgrounds_per_foreground)
-
-
 class _TfdsHostSource(HostSource):
   """Foregrounds from a prepared TFDS set's records (decoded on the host as files are)."""
 
-  def __init__(self, dataset: str, data_dir, background_dir,
-               backgrounds_per_foreground: int, cache_images: int = 256):
-    self._records = file_lists.tfds_foreground_records(dataset, data_dir)
-    super().__init__(f"tfds({dataset})", range(len(self._records)),
-                     range(len(self._records)), file_lists.background_paths(background_dir),
-                     backgrounds_per_foreground, cache_images)
+  def __init__(self, declared: catalog.Catalog, cache_images: int = 256):
+    self._records = declared.records
+    super().__init__(*declared[:5], cache_images=cache_images)
     self._decode_record = functools.lru_cache(maxsize=cache_images)(self._decode_pair)
 
   def _decode_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     record = self._records[index]
     name = f"{self.name} record {index}"
     return (read_image(record["foreground"], "rgb", name=f"{name} foreground")[0],
-            read_image(record["alpha"], "grey", name=f"{name} alpha")[0])
+            read_image(record["alpha"], "grey", name=f"{name} alpha", grey_only=True)[0])
 
   def foreground(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     return self._decode_record(int(index))
@@ -138,40 +114,13 @@ class _TfdsHostSource(HostSource):
     return self.foreground(index)[1].shape  # records have no separate header
 
 
-def tfds_source(dataset: str, data_dir: str | os.PathLike,
-                background_dir: str | os.PathLike, *,
-                backgrounds_per_foreground: int = 100) -> HostSource:
-  """Training foregrounds of a prepared TFDS matting set ('composition1k' or
-  'distinctions646'; needs tensorflow-datasets, not TensorFlow) on the images of
-  `background_dir`."""
-  return _TfdsHostSource(dataset, data_dir, background_dir, backgrounds_per_foreground)
-
-
-def _source_function(name: str):
-  functions = {"synthetic": synthetic_source, "tfds": tfds_source,
-               "adobe": file_lists.adobe_lists, "d646": file_lists.d646_lists,
-               "folder": file_lists.folder_lists}
-  if name not in functions:
-    raise ValueError(f"the JAX pipeline's sources are {', '.join(SOURCES)}, got {name!r}")
-  return functions[name]
-
-
 def host_source(name: str, **options) -> HostSource:
-  """A training source by name ('synthetic', 'adobe', 'd646', 'folder', 'tfds') with the
-  options of the tf.data source of that name; files are checked as those are."""
-  made = _source_function(name)(**options)
-  if isinstance(made, HostSource):
-    return made
-  file_lists.check(made.name, made.foregrounds, made.alphas, made.backgrounds)
-  return HostSource(made.name, made.foregrounds, made.alphas, made.backgrounds,
-                    made.backgrounds_per_foreground)
-
-
-def source_options(name: str) -> list[str]:
-  """The option names `host_source(name, ...)` takes."""
-  import inspect
-
-  return list(inspect.signature(_source_function(name)).parameters)
+  """The host readers of source `name` (`data_pipeline.catalog.SOURCES`) with that
+  declaration's options, checked there."""
+  declared = catalog.declaration(name)(**options)
+  if declared.records is not None:
+    return _TfdsHostSource(declared)
+  return HostSource(*declared[:5])
 
 
 class JaxStream:
@@ -199,8 +148,8 @@ class JaxStream:
 
   def global_index(self, host_counter: int) -> int:
     """The global example index of this process's host_counter-th example."""
-    batch_index, offset = divmod(host_counter, self.batch_size)
-    return ((batch_index * self.num_shards + self.shard_index) * self.batch_size + offset)
+    return protocol.global_index(host_counter, self.batch_size, self.shard_index,
+                                 self.num_shards)
 
   def decisions(self, index: int) -> protocol.Decisions:
     return protocol.draw(self.seed, index, num_foregrounds=self.source.num_foregrounds,
@@ -242,7 +191,7 @@ class JaxStream:
 
     # The prefetch buffer holds whole batches (~400 MB each at 1-2 MP): two keep the
     # device fed without running ahead of it.
-    dataset = (grain.MapDataset.range(self.skip_batches * self.batch_size, _NO_END)
+    dataset = (grain.MapDataset.range(self.skip_batches * self.batch_size, protocol.STREAM_END)
                .map(self.plan)
                .batch(self.batch_size, drop_remainder=True, batch_fn=jax_composition.collate)
                .to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,

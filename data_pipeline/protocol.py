@@ -96,6 +96,23 @@ def foreground_index(seed: int, index: int, epoch_length: int, num_foregrounds: 
   return int(_epoch_order(int(seed), epoch, int(epoch_length))[position]) % num_foregrounds
 
 
+# The global stream has no end: its examples are counted up to this (past any run's).
+STREAM_END = 2**62
+
+
+def global_index(host_counter, batch_size: int, shard_index: int, num_shards: int):
+  """The global example index of a process's `host_counter`-th example (an integer, or an
+  integer tensor where the tf.data executor maps it over a dataset).
+
+  Global batch b holds examples [b * B, (b + 1) * B) with B = batch_size * num_shards, and
+  shard s takes its contiguous batch_size slice: a run is the same examples for any number
+  of processes with the same global batch, and a stream's whole state is the number of
+  batches it has given (resuming at batch b repeats and skips nothing).
+  """
+  batch_index, offset = host_counter // batch_size, host_counter % batch_size
+  return (batch_index * num_shards + shard_index) * batch_size + offset
+
+
 def draw(seed: int, index: int, *, num_foregrounds: int, num_backgrounds: int,
          epoch_length: int) -> Decisions:
   """The random decisions of global example `index` of the stream seeded by `seed`."""

@@ -1,24 +1,18 @@
-"""Where foregrounds, alphas and backgrounds come from, for the tf.data pipeline.
-
-A source is a list of (foreground, alpha) pairs and a list of backgrounds, readable by index
-inside a tf.data graph (the file lists themselves: `data_pipeline.file_lists`). Every source is validated when it is built: missing folders, empty
-lists, unpaired files, unreadable headers, size mismatches and channel layouts the protocol
-cannot use raise here, naming the file, instead of failing (or silently going wrong) deep
-inside a training run.
+"""The tf.data executor's readers: a source's images (a `data_pipeline.catalog.Catalog`,
+checked when it was declared) readable by index inside a tf.data graph.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import file_lists, synthetic
-from data_pipeline.files import SourceError
-from data_pipeline.files import EXIF_TRANSFORMS, exif_orientation
-from data_pipeline.files import check_positive as _check_positive
+from data_pipeline import catalog
+from data_pipeline.files import (COLOUR_ALPHA, EXIF_TRANSFORMS, SourceError, check_positive,
+                                 exif_orientation)
+
 
 class Source:
   """Foreground/alpha pairs and backgrounds, addressable by index in a TF graph.
@@ -40,8 +34,8 @@ class Source:
     self.name = name
     self.num_foregrounds = num_foregrounds
     self.num_backgrounds = num_backgrounds
-    self.backgrounds_per_foreground = _check_positive("backgrounds_per_foreground",
-                                                      backgrounds_per_foreground)
+    self.backgrounds_per_foreground = check_positive("backgrounds_per_foreground",
+                                                     backgrounds_per_foreground)
 
   @property
   def epoch_length(self) -> int:
@@ -66,7 +60,7 @@ class Source:
 
 
 class ArraySource(Source):
-  """Images held in memory (the synthetic source; also handy for tests)."""
+  """Images held in memory (the synthetic source; also handy for tests), checked here."""
 
   def __init__(self, name: str, foregrounds: Sequence[np.ndarray],
                alphas: Sequence[np.ndarray], backgrounds: Sequence[np.ndarray],
@@ -114,22 +108,12 @@ class _PackedImages:
     return tf.switch_case(tf.cast(index, tf.int32), branches)
 
 
-def synthetic_source(num_foregrounds: int = 8, num_backgrounds: int = 16,
-                     min_size: int = 320, max_size: int = 640, seed: int = 0,
-                     backgrounds_per_foreground: int = 4) -> ArraySource:
-  """Seeded synthetic foregrounds (hair, veils, holes) and backgrounds, made in memory."""
-  foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(
-      num_foregrounds, num_backgrounds, min_size, max_size, seed)
-  return ArraySource(f"synthetic(seed={seed})", foregrounds, alphas, backgrounds,
-                     backgrounds_per_foreground)
-
-
 class FileSource(Source):
-  """Foregrounds, alphas and backgrounds read from image files (PNG, JPEG, BMP, ...)."""
+  """Foregrounds, alphas and backgrounds read from image files (PNG, JPEG, BMP, ...),
+  as the catalog checked them."""
 
   def __init__(self, name: str, foregrounds: Sequence[str], alphas: Sequence[str],
                backgrounds: Sequence[str], backgrounds_per_foreground: int = 1):
-    file_lists.check(name, foregrounds, alphas, backgrounds)
     self._describe(name, len(foregrounds), len(backgrounds), backgrounds_per_foreground)
     self.foreground_paths = [str(p) for p in foregrounds]
     self.alpha_paths = [str(p) for p in alphas]
@@ -140,7 +124,8 @@ class FileSource(Source):
 
   @staticmethod
   def _decode_bytes(contents, channels):
-    """Encoded bytes -> uint8 (H, W, channels), the pixels cv2.imread (the authors' reader)
+    """Encoded bytes -> uint8 (H, W, channels; 0: the file's own), the pixels cv2.imread
+    (the authors' reader)
     gives: JPEGs through libjpeg's accurate integer IDCT (decode_image's default, the fast
     one, moves most pixels of a photo by a few levels, and alphas in and out of 0 and 255),
     then turned upright by the EXIF orientation (`data_pipeline.files.read_image`)."""
@@ -151,7 +136,21 @@ class FileSource(Source):
     # A header read in Python (EXIF parsing has no TF op); the pixels stay in the graph.
     orientation = tf.numpy_function(FileSource._orientation, [contents], tf.int32,
                                     stateful=False)
-    return tf.ensure_shape(FileSource._orient(image, orientation), [None, None, channels])
+    return tf.ensure_shape(FileSource._orient(image, orientation),
+                           [None, None, channels or None])
+
+  @staticmethod
+  def _decode_alpha(contents, label):
+    """An alpha's encoded bytes -> uint8 (H, W, 1). A colour file (its channels differ)
+    fails an assertion whose message is `label` (the file) and `COLOUR_ALPHA`, which
+    `data_pipeline.training` raises as one line; a grey one saved as RGB reads as its
+    channel (what decoding it as grey gives)."""
+    image = FileSource._decode_bytes(contents, 0)
+    colour = tf.logical_and(tf.shape(image)[-1] >= 3,
+                            tf.reduce_any(image[..., 1:3] != image[..., :1]))
+    message = tf.strings.join([label, f": {COLOUR_ALPHA}"])
+    with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(colour), [message])]):
+      return tf.ensure_shape(tf.identity(image[..., :1]), [None, None, 1])
 
   @staticmethod
   def _orientation(contents) -> np.int32:
@@ -178,54 +177,27 @@ class FileSource(Source):
     return FileSource._decode_bytes(tf.io.read_file(path), channels)
 
   def load_foreground(self, index):
+    alpha = tf.gather(self._alpha, index)
     return (self._decode(tf.gather(self._fg, index), 3),
-            self._decode(tf.gather(self._alpha, index), 1))
+            self._decode_alpha(tf.io.read_file(alpha), alpha))
 
   def load_background(self, index):
     return self._decode(tf.gather(self._bg, index), 3)
 
-  @classmethod
-  def from_lists(cls, lists: file_lists.FileLists) -> FileSource:
-    return cls(lists.name, lists.foregrounds, lists.alphas, lists.backgrounds,
-               lists.backgrounds_per_foreground)
-
   def find_unreadable(self) -> list[str]:
-    return file_lists.find_unreadable(
+    return catalog.find_unreadable(
         self.foreground_paths + self.alpha_paths + self.background_paths)
 
 
-def folder_source(root: str | os.PathLike | None = None, *, fg_dir=None, alpha_dir=None,
-                  bg_dir=None, backgrounds_per_foreground: int = 1) -> FileSource:
-  """fg/, alpha/ and bg/ folders (`file_lists.folder_lists`)."""
-  return FileSource.from_lists(file_lists.folder_lists(
-      root, fg_dir=fg_dir, alpha_dir=alpha_dir, bg_dir=bg_dir,
-      backgrounds_per_foreground=backgrounds_per_foreground))
-
-
-def adobe_source(root: str | os.PathLike, background_dir: str | os.PathLike, *,
-                 backgrounds_per_foreground: int = 100) -> FileSource:
-  """The Deep Image Matting (Composition-1k) training set (`file_lists.adobe_lists`)."""
-  return FileSource.from_lists(file_lists.adobe_lists(
-      root, background_dir, backgrounds_per_foreground=backgrounds_per_foreground))
-
-
-def d646_source(root: str | os.PathLike, background_dir: str | os.PathLike, *,
-                backgrounds_per_foreground: int = 100) -> FileSource:
-  """The Distinctions-646 training set (`file_lists.d646_lists`)."""
-  return FileSource.from_lists(file_lists.d646_lists(
-      root, background_dir, backgrounds_per_foreground=backgrounds_per_foreground))
-
-
 class TfdsSource(Source):
-  """Training foregrounds from a prepared TFDS set (config 'foregrounds', see
-  data_pipeline.tfds_builders), backgrounds from a folder."""
+  """Training foregrounds from a prepared TFDS set's records (the catalog's `tfds`),
+  backgrounds from files."""
 
-  def __init__(self, name: str, data_dir: str | os.PathLike,
-               background_dir: str | os.PathLike, backgrounds_per_foreground: int = 100):
-    self._records = file_lists.tfds_foreground_records(name, data_dir)
-    self.background_paths = file_lists.background_paths(background_dir)
-    self._describe(f"tfds({name})", len(self._records), len(self.background_paths),
-                   backgrounds_per_foreground)
+  def __init__(self, declared: catalog.Catalog):
+    self._records = declared.records
+    self.background_paths = list(declared.backgrounds)
+    self._describe(declared.name, len(self._records), len(self.background_paths),
+                   declared.backgrounds_per_foreground)
     self._bg = tf.constant(self.background_paths)
 
   def _encoded(self, index):
@@ -236,18 +208,19 @@ class TfdsSource(Source):
     # Only the record lookup is Python; decoding stays in the graph.
     foreground, alpha = tf.numpy_function(self._encoded, [index], [tf.string, tf.string],
                                           stateful=False)
-    return (FileSource._decode_bytes(foreground, 3), FileSource._decode_bytes(alpha, 1))
+    label = tf.strings.join([f"{self.name} record ", tf.strings.as_string(index), " alpha"])
+    return (FileSource._decode_bytes(foreground, 3), FileSource._decode_alpha(alpha, label))
 
   def load_background(self, index):
     return FileSource._decode(tf.gather(self._bg, index), 3)
 
   def find_unreadable(self) -> list[str]:
-    return file_lists.find_unreadable(self.background_paths)
+    return catalog.find_unreadable(self.background_paths)
 
 
-def tfds_source(dataset: str, data_dir: str | os.PathLike,
-                background_dir: str | os.PathLike, *, backgrounds_per_foreground: int = 100
-                ) -> TfdsSource:
-  """Training foregrounds of a prepared TFDS matting set (`dataset`: 'composition1k' or
-  'distinctions646') composited on the images of `background_dir`."""
-  return TfdsSource(dataset, data_dir, background_dir, backgrounds_per_foreground)
+def from_catalog(declared: catalog.Catalog) -> Source:
+  """The graph readers of a declared source."""
+  if declared.records is not None:
+    return TfdsSource(declared)
+  kind = ArraySource if isinstance(declared.foregrounds[0], np.ndarray) else FileSource
+  return kind(*declared[:5])

@@ -1,24 +1,21 @@
-"""Infinite, deterministic, shardable training batches.
+"""The tf.data executor's stream: infinite, deterministic, shardable training batches.
 
-The stream of examples is global (`data_pipeline.protocol` says how example k's foreground
-and random decisions derive from (seed, k)). Global batch b holds examples
-[b * B, (b + 1) * B) with B = batch_size * num_shards; host s takes its contiguous
-batch_size slice. So the same seed gives the same examples whatever the parallelism, and the
-union over hosts is the same for any number of hosts with the same global batch.
+Example k of the global stream, its foreground and every random decision derive from
+(seed, k), and a process's examples from its shard (`data_pipeline.protocol`: `draw`,
+`global_index`); `data_pipeline.composition` composites them in the graph.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from data_pipeline import composition, protocol
-from data_pipeline.files import check_stream_arguments
+from data_pipeline.files import COLOUR_ALPHA, SourceError, check_stream_arguments
 from data_pipeline.sources import Source
-
-_NO_END = 2**62
 
 
 def decision_vectors(source: Source, seed: int, index: tf.Tensor
@@ -50,13 +47,8 @@ def train_dataset(source: Source, *, batch_size: int, crop_size: int = 512, seed
                   use_opencv: bool | None = None) -> tf.data.Dataset:
   """The tf.data pipeline behind `train_batches` (batched dicts of tensors)."""
   check_stream_arguments(batch_size, crop_size, shard_index, num_shards, skip_batches)
-  global_batch = batch_size * num_shards
-
-  def global_index(host_counter):
-    batch_index, offset = host_counter // batch_size, host_counter % batch_size
-    return batch_index * global_batch + shard_index * batch_size + offset
-
-  indices = tf.data.Dataset.range(skip_batches * batch_size, _NO_END).map(global_index)
+  indices = tf.data.Dataset.range(skip_batches * batch_size, protocol.STREAM_END).map(
+      lambda counter: protocol.global_index(counter, batch_size, shard_index, num_shards))
   examples = example_dataset(source, indices, crop_size=crop_size, seed=seed,
                              use_opencv=use_opencv)
   return examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -93,6 +85,9 @@ def train_batches(source: Source, *, batch_size: int, crop_size: int = 512, seed
 
 def _explain(source: Source, error: tf.errors.OpError) -> Exception:
   """Names the file behind a decoding failure (TF's own message does not)."""
+  colour = re.search(rf"assertion failed: \[(.*: {re.escape(COLOUR_ALPHA)})\]", error.message)
+  if colour:  # `sources.FileSource._decode_alpha`'s check, in one line
+    return SourceError(colour.group(1))
   unreadable = source.find_unreadable()
   if unreadable:
     listing = "\n  ".join(unreadable[:10])

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax.numpy as jnp
@@ -214,6 +215,8 @@ def test_every_operator_accepts_its_defaults():
     (["--config.validation.source=nope"], "config.validation.source must be one of"),
     (["--config", "configs/resampler.py:carafe,synthetic",
       "--config.model.resampler_options.groups=0"], "`groups` must be a positive integer"),
+    (["--config.data.pipeline=numpy"], "config.data.pipeline='numpy' was removed: use 'jax' "
+                                       "(same synthetic source, no TensorFlow)"),
 ])
 def test_train_config_errors_are_one_line(args, message, tmp_path):
   if "--config" not in args:
@@ -221,6 +224,50 @@ def test_train_config_errors_are_one_line(args, message, tmp_path):
   process = _cli("train.py", *args, "--workdir", str(tmp_path / "run"))
   _one_clear_line(process, message)
   assert not (tmp_path / "run").exists()
+
+
+def _training_folder(root: pathlib.Path, alpha_channels: int = 1) -> pathlib.Path:
+  """fg/, alpha/ and bg/ for the folder source, and a config training on it (the smoke
+  run's, through the JAX pipeline, with the baseline network: it compiles in half the
+  time); alpha_channels=3 with differing channels: a colour alpha."""
+  image, trimap = _scene(96, 112)
+  alpha = trimap if alpha_channels == 1 else np.stack([trimap, trimap, 255 - trimap], -1)
+  for folder, array in (("fg", image), ("alpha", alpha), ("bg", image[::-1])):
+    (root / folder).mkdir(parents=True)
+    Image.fromarray(array).save(root / folder / "a.png")
+  config = root / "folder_config.py"
+  config.write_text(textwrap.dedent(f"""
+      import ml_collections
+      from configs import a2u_matting, smoke
+
+      def get_config():
+        config = smoke.get_config()
+        a2u_matting.use_resampler(config, "baseline")
+        config.crop_size = 32
+        config.data.source = "folder"
+        config.data.options = ml_collections.ConfigDict(dict(root={str(root)!r}))
+        config.eval_every = 0
+        return config
+      """))
+  return config
+
+
+def test_a_background_that_is_not_an_image_is_named_before_training(tmp_path):
+  config = _training_folder(tmp_path / "data")
+  (tmp_path / "data" / "bg" / "b.jpg").write_text("<html>not found</html>\n")
+  process = _cli("train.py", "--config", str(config), "--workdir", str(tmp_path / "run"))
+  _one_clear_line(process, f"{tmp_path / 'data' / 'bg' / 'b.jpg'}: not a readable image")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # a train.py run up to its first batch, drawn once the step compiled
+def test_a_colour_alpha_stops_training_in_one_line_naming_it(tmp_path):
+  """(Both executors' check, in process: test_data_pipeline.py.)"""
+  config = _training_folder(tmp_path / "data", alpha_channels=3)
+  process = _cli("train.py", "--config", str(config), "--workdir", str(tmp_path / "run"))
+  _one_clear_line(process, f"{tmp_path / 'data' / 'alpha' / 'a.png'}: {files.COLOUR_ALPHA}")
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+      (tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_train_refuses_a_workdir_that_is_a_file(tmp_path):

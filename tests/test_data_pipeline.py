@@ -1,4 +1,5 @@
-"""The tf.data compositing pipeline: protocol parity, batches, determinism, sharding, errors."""
+"""The tf.data compositing pipeline (protocol parity, batches, determinism, sharding), the
+trimap erosions, and the sources' checks in both executors."""
 
 import importlib.util
 import pathlib
@@ -11,7 +12,8 @@ from PIL import Image
 
 import data_pipeline
 from a2u_jax import inputs
-from data_pipeline import composition, morphology, protocol, sources, synthetic
+from data_pipeline import composition, jax_pipeline, morphology, protocol, sources, synthetic
+from data_pipeline import files, trimaps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,26 +64,46 @@ def test_ellipse_footprint_matches_opencv_for_every_protocol_size():
         cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)), err_msg=str(size))
 
 
-@pytest.mark.parametrize("use_opencv", [False, True])
-def test_erosion_matches_its_definition(use_opencv):
-  if use_opencv:
-    pytest.importorskip("cv2")
+def _erosions(mask, size):
+  """The TF erosion, OpenCV's (where installed) and the NumPy one (`trimaps`, which makes
+  the evaluation sets' synthetic trimaps)."""
+  erosions = {"tf": morphology.erode(tf.constant(mask), tf.constant(size),
+                                     use_opencv=False).numpy(),
+              "numpy": trimaps.erode(mask, size)}
+  if importlib.util.find_spec("cv2"):
+    erosions["opencv"] = morphology.erode(tf.constant(mask), tf.constant(size),
+                                          use_opencv=True).numpy()
+  return erosions
+
+
+def test_erosions_match_their_definition_for_odd_and_even_sizes():
   rng = np.random.default_rng(0)
   mask = (rng.random((23, 31)) > 0.08).astype(np.uint8)
-  for size in (1, 2, 4, 7, 10):
+  for size in (1, 2, 3, 4, 7, 10, 29):
     expected = _erode_loop(mask, morphology.ellipse_footprint(size))
-    got = morphology.erode(tf.constant(mask), tf.constant(size), use_opencv=use_opencv)
-    np.testing.assert_array_equal(got.numpy(), expected, err_msg=str(size))
+    for name, got in _erosions(mask, size).items():
+      np.testing.assert_array_equal(got, expected, err_msg=f"{name} {size}")
 
 
-def test_tf_erosion_equals_opencv_for_all_sizes():
-  pytest.importorskip("cv2")
+def test_erosions_agree_for_every_protocol_size():
   rng = np.random.default_rng(1)
   mask = (rng.random((64, 80)) > 0.03).astype(np.uint8)
-  for size in range(1, 30):
-    a = morphology.erode(tf.constant(mask), tf.constant(size), use_opencv=False)
-    b = morphology.erode(tf.constant(mask), tf.constant(size), use_opencv=True)
-    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=str(size))
+  for size in range(1, protocol.MAX_KERNEL_SIZE + 1):
+    erosions = _erosions(mask, size)
+    for name, got in erosions.items():
+      np.testing.assert_array_equal(got, erosions["tf"], err_msg=f"{name} {size}")
+
+
+def test_trimap_from_alpha_marks_only_eroded_definite_regions():
+  alpha = np.zeros((20, 20), np.uint8)
+  alpha[5:15, 5:15] = 255
+  alpha[5, 5:15] = 100  # a soft edge row
+  trimap = trimaps.trimap_from_alpha(alpha, 3, 1)
+  assert set(np.unique(trimap)) <= {0, 128, 255}
+  assert (trimap[alpha == 100] == 128).all()
+  np.testing.assert_array_equal(trimap[alpha == 0], 0)  # size 1: nothing eroded
+  # The 3x3 ellipse (a cross) removes the definite foreground's outer ring.
+  assert (trimap[7:14, 6:14] == 255).all() and (trimap[6, 6:14] == 128).all()
 
 
 # ------------------------------------------------- the protocol against NumPy/OpenCV
@@ -344,7 +366,8 @@ def test_unreadable_file_is_named(tmp_path):
 def test_truncated_file_is_named_when_the_pipeline_reads_it(tmp_path):
   root = _folder(tmp_path, bg_size=(300, 300))
   background = root / "bg" / "b0.jpg"
-  background.write_bytes(background.read_bytes()[:600])  # header intact, data cut
+  data = background.read_bytes()
+  background.write_bytes(data[:len(data) // 2])  # header intact, data cut
   source = data_pipeline.build_source("folder", root=root)
   with pytest.raises(ValueError, match="cannot be decoded:\n  .*b0.jpg"):
     _batches(source, 1, batch_size=1, crop_size=48)
@@ -362,6 +385,53 @@ def test_grey_alpha_saved_as_rgb_is_accepted_and_rgba_foreground_rejected(tmp_pa
   _save(root / "fg" / "img0.png", rgba)
   with pytest.raises(sources.SourceError, match="img0.png: foreground has an alpha channel"):
     data_pipeline.build_source("folder", root=root)
+
+
+def _colour(alpha):
+  """`alpha` (h, w) uint8 as an RGB image whose channels differ where it is not 0 or 255."""
+  rgb = np.repeat(alpha[..., None], 3, axis=-1)
+  rgb[..., 2] = np.where((alpha > 0) & (alpha < 255), 255 - alpha, alpha)
+  return rgb
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_grey_alpha_saved_as_rgb_reads_as_grey_in_both_executors(tmp_path, ext):
+  root = _folder(tmp_path)
+  alpha = np.asarray(Image.open(root / "alpha" / "img0.png"))
+  (root / "alpha" / "img0.png").unlink()
+  _save(root / "alpha" / f"img0{ext}", np.repeat(alpha[..., None], 3, axis=-1))
+  # What either executor reads from the same file saved single-channel.
+  _save(tmp_path / "grey" / f"img0{ext}", alpha)
+  expected = np.asarray(Image.open(tmp_path / "grey" / f"img0{ext}"))
+  _, tf_alpha = data_pipeline.build_source("folder", root=root).load_foreground(tf.constant(0))
+  _, jax_alpha = jax_pipeline.host_source("folder", root=root).foreground(0)
+  np.testing.assert_array_equal(tf_alpha.numpy()[..., 0], expected)
+  np.testing.assert_array_equal(jax_alpha, expected)
+
+
+def test_colour_alpha_is_refused_in_one_line_by_both_executors(tmp_path):
+  root = _folder(tmp_path)
+  path = root / "alpha" / "img1.png"
+  _save(path, _colour(np.asarray(Image.open(path))))
+  with pytest.raises(sources.SourceError) as tf_error:
+    _batches(data_pipeline.build_source("folder", root=root), 2, batch_size=2, crop_size=48)
+  stream = jax_pipeline.JaxStream(jax_pipeline.host_source("folder", root=root), batch_size=2,
+                                  crop_size=48, num_threads=1)
+  with pytest.raises(sources.SourceError) as jax_error:
+    next(stream.batches())
+  for error in (tf_error, jax_error):
+    assert str(error.value) == f"{path}: {files.COLOUR_ALPHA}"
+
+
+def test_a_background_that_is_not_an_image_is_named_at_start_up(tmp_path):
+  """Found when the source is built (headers only), not when it is first drawn."""
+  root = _folder(tmp_path)
+  (root / "bg" / "notes.jpg").write_text("a text file with an image's name\n")
+  message = "bg/notes.jpg: not a readable image"
+  with pytest.raises(sources.SourceError, match=message):
+    data_pipeline.build_source("folder", root=root)
+  with pytest.raises(sources.SourceError, match=message):
+    jax_pipeline.host_source("folder", root=root)
 
 
 def test_all_transparent_and_all_opaque_alphas_are_documented_cases():

@@ -224,7 +224,8 @@ def test_a_split_batch_is_composited_on_each_device_without_collectives():
     pytest.skip("needs several (fake) devices; conftest sets XLA_FLAGS for 4")
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-  source = jax_pipeline.synthetic_source(4, 4, 90, 150)
+  source = jax_pipeline.host_source("synthetic", num_foregrounds=4, num_backgrounds=4,
+                                    min_size=90, max_size=150)
   stream = jax_pipeline.JaxStream(source, batch_size=2 * jax.device_count(), crop_size=64,
                                   num_threads=1)
   host_batch = next(stream.host_batches())

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import data_pipeline
 from a2u_jax import ops
 from a2u_jax.training import state as state_lib, steps
 from configs import smoke
+from data_pipeline import jax_pipeline
 
 
 def _bf16_inputs(*shapes, seed=0):
@@ -67,8 +67,9 @@ def _config(dtype, crop=32, batch=4):
 
 
 def _batches(config):
-  return data_pipeline.SyntheticStream(**config.data.options).batches(
-      batch_size=config.batch_size, crop_size=config.crop_size)
+  source = jax_pipeline.host_source(config.data.source, **config.data.options)
+  return jax_pipeline.JaxStream(source, batch_size=config.batch_size,
+                                crop_size=config.crop_size).batches()
 
 
 def test_bfloat16_step_keeps_float32_state_and_loss_and_convolves_in_bfloat16():

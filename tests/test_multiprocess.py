@@ -59,7 +59,7 @@ def _finish(processes, timeout=900) -> list[str]:
   return outputs
 
 
-def _train_args(workdir, cache, pipeline="numpy"):
+def _train_args(workdir, cache, pipeline="jax"):
   return [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "smoke.py"),
           "--workdir", str(workdir), f"--config.compilation_cache_dir={cache}",
           f"--config.data.pipeline={pipeline}", *TRAIN_FLAGS]
@@ -70,7 +70,7 @@ def _records(workdir):
 
 
 @pytest.mark.slow  # four train.py processes at once, then two more (~6 min on two cores)
-@pytest.mark.parametrize("pipeline", ["numpy", "jax"])
+@pytest.mark.parametrize("pipeline", ["tf", "jax"])
 def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_sigkill(
     tmp_path, pipeline):
   cache = tmp_path / "xla_cache"

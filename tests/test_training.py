@@ -246,6 +246,26 @@ def test_resampler_from_the_config_and_its_errors(tmp_path):
     loop.validate_config(config)
 
 
+def test_the_pipelines_are_tf_and_jax_and_numpy_says_what_replaced_it():
+  config = _config()
+  config.data.pipeline = "numpy"
+  with pytest.raises(ValueError, match=r"^config.data.pipeline='numpy' was removed: use 'jax' "
+                                       r"\(same synthetic source, no TensorFlow\)$"):
+    loop.validate_config(config)
+  config.data.pipeline = "torch"
+  with pytest.raises(ValueError, match="config.data.pipeline must be one of tf, jax, got "):
+    loop.validate_config(config)
+  for pipeline in ("tf", "jax"):  # one declaration of the sources: the same options
+    config.data.pipeline = pipeline
+    loop.validate_config(config)
+    config.data.source = "folder"
+    with pytest.raises(ValueError, match="data source 'folder' does not take max_size, "
+                                         "min_size, num_backgrounds, num_foregrounds, seed "
+                                         r"\(it takes root, fg_dir"):
+      loop.validate_config(config)
+    config.data.source = "synthetic"
+
+
 def test_missing_data_folder_and_unreadable_init_weights_are_named(tmp_path):
   config = _config()
   config.data.source = "folder"
@@ -294,7 +314,9 @@ def test_every_config_file_loads_and_validates(tmp_path):
   assert reconstruction.get_config().image_size == 32
 
 
-@pytest.mark.parametrize("pipeline", ["numpy", "jax"])
+# tf: TensorFlow's import and graph on top of the loop's compile, so in the slow set; the
+# tf.data batches themselves are test_data_pipeline.py's.
+@pytest.mark.parametrize("pipeline", [pytest.param("tf", marks=pytest.mark.slow), "jax"])
 def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
     tmp_path, pipeline):
   from a2u_jax import checkpointing
@@ -378,7 +400,7 @@ def _losses(workdir):
 
 
 @pytest.mark.slow  # three train.py processes, ~3.5 min on two cores: run with -m slow
-@pytest.mark.parametrize("pipeline", ["numpy", "jax"])
+@pytest.mark.parametrize("pipeline", ["tf", "jax"])
 def test_resume_after_sigkill_logs_the_same_losses(tmp_path, pipeline):
   cache = tmp_path / "xla_cache"
   flag = f"--config.data.pipeline={pipeline}"

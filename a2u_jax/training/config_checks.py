@@ -21,11 +21,12 @@ from a2u_jax import models, sad_rules
 from a2u_jax.training import state as state_lib
 from data_pipeline.files import NETWORK_STRIDE
 
-# "tf": the tf.data compositing pipeline (every source; needs the `train` extra).
-# "numpy": data_pipeline.SyntheticStream (synthetic data only; no TensorFlow).
-# "jax": data_pipeline.jax_pipeline (the protocol composited on the accelerator; no
-# TensorFlow; every source).
-PIPELINES = ("tf", "numpy", "jax")
+# The two executors of the training protocol, both for every source (data_pipeline):
+# "tf": the tf.data pipeline, the reference (needs the `train` extra); "jax":
+# data_pipeline.jax_pipeline, composited on the accelerator (no TensorFlow).
+PIPELINES = ("tf", "jax")
+# Pipelines that went, and what replaced them.
+_REMOVED_PIPELINES = {"numpy": "use 'jax' (same synthetic source, no TensorFlow)"}
 
 
 def num_train_steps(config: ml_collections.ConfigDict) -> int:
@@ -46,13 +47,12 @@ def validation_interval(config: ml_collections.ConfigDict) -> int:
 
 
 def validate_config(config: ml_collections.ConfigDict,
-                    source_options: Callable[[ml_collections.ConfigDict], list[str] | None]
+                    source_options: Callable[[ml_collections.ConfigDict], list[str]]
                     ) -> None:
   """Fails fast, naming the field, on values that would fail (or mislead) later.
 
-  `source_options(config)`: the option names config.data.source takes with
-  config.data.pipeline (None where only building the source can tell); the training loop,
-  which builds the sources, gives it."""
+  `source_options(config)`: the option names config.data.source takes (the same with
+  either pipeline); the training loop, which builds the sources, gives it."""
   def positive(name):
     value = config[name]
     if not isinstance(value, int) or value <= 0:
@@ -90,16 +90,14 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config.model.resampler_options: {error}{hint}") from None
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+  if config.data.pipeline in _REMOVED_PIPELINES:
+    raise ValueError(f"config.data.pipeline={config.data.pipeline!r} was removed: "
+                     f"{_REMOVED_PIPELINES[config.data.pipeline]}")
   if config.data.pipeline not in PIPELINES:
     raise ValueError(f"config.data.pipeline must be one of {', '.join(PIPELINES)}, got "
                      f"{config.data.pipeline!r}")
-  if config.data.pipeline == "numpy" and config.data.source != "synthetic":
-    raise ValueError(f"config.data.pipeline='numpy' has only the synthetic source, got "
-                     f"config.data.source={config.data.source!r}: real data goes through "
-                     f"the JAX pipeline (--config.data.pipeline=jax) or the tf.data one "
-                     f"(--config.data.pipeline=tf, with pip install 'a2u-jax[train]')")
   accepted = source_options(config)
-  foreign = [key for key in config.data.options if accepted is not None and key not in accepted]
+  foreign = [key for key in config.data.options if key not in accepted]
   if foreign:
     raise ValueError(
         f"config.data.options: data source {config.data.source!r} does not take "

@@ -134,39 +134,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   config_checks.validate_config(config, _source_options)
 
 
-def _source_options(config: ml_collections.ConfigDict) -> list[str] | None:
-  """The option names config.data.source takes, or None where that needs TensorFlow and
-  it is missing (building the source then says how to install it)."""
-  import inspect
+def _source_options(config: ml_collections.ConfigDict) -> list[str]:
+  """The option names config.data.source takes (one declaration, both pipelines)."""
+  from data_pipeline import catalog
 
-  import data_pipeline
-
-  if config.data.pipeline == "numpy":
-    function = data_pipeline.SyntheticStream
-  elif config.data.pipeline == "jax":
-    from data_pipeline import jax_pipeline
-    if config.data.source not in jax_pipeline.SOURCES:
-      raise ValueError(f"config.data.source must be one of {', '.join(jax_pipeline.SOURCES)} "
-                       f"with config.data.pipeline='jax', got {config.data.source!r}")
-    return jax_pipeline.source_options(config.data.source)
-  else:
-    if config.data.source not in data_pipeline.SOURCES:
-      raise ValueError(f"config.data.source must be one of {', '.join(data_pipeline.SOURCES)}, "
-                       f"got {config.data.source!r}")
-    try:
-      from data_pipeline import sources
-    except ImportError:
-      return None
-    function = getattr(sources, f"{config.data.source}_source")
-  return [name for name in inspect.signature(function).parameters if name != "self"]
+  if config.data.source not in catalog.SOURCES:
+    raise ValueError(f"config.data.source must be one of {', '.join(catalog.SOURCES)}, "
+                     f"got {config.data.source!r}")
+  return catalog.options(config.data.source)
 
 
 def _training_source(config: ml_collections.ConfigDict):
-  """The training data named by config.data (a tf.data Source or a SyntheticStream)."""
+  """The training data named by config.data (a tf.data Source or a JAX HostSource)."""
   import data_pipeline
 
-  if config.data.pipeline == "numpy":
-    return data_pipeline.SyntheticStream(**config.data.options)
   if config.data.pipeline == "jax":
     from data_pipeline import jax_pipeline
     return jax_pipeline.host_source(config.data.source, **config.data.options)
@@ -174,19 +155,16 @@ def _training_source(config: ml_collections.ConfigDict):
     data_pipeline.require_tensorflow(f"config.data.source={config.data.source!r} through "
                                      f"config.data.pipeline='tf'")
   except ImportError as error:
-    hint = (" (or, for synthetic data, --config.data.pipeline=numpy)"
-            if config.data.source == "synthetic" else "")
-    raise ImportError(f"{error}{hint}") from None
+    raise ImportError(f"{error} (or --config.data.pipeline=jax, which needs no "
+                      f"TensorFlow)") from None
   return data_pipeline.build_source(config.data.source, **config.data.options)
 
 
 def _training_batches(source, runtime: parallel.DataParallel, **options):
   """Host batches (NumPy), or with the JAX pipeline batches already on the mesh."""
   import data_pipeline
-
-  if isinstance(source, data_pipeline.SyntheticStream):
-    return source.batches(**options)
   from data_pipeline import jax_pipeline
+
   if isinstance(source, jax_pipeline.HostSource):
     return runtime.composited(jax_pipeline.JaxStream(source, **options))
   return data_pipeline.train_batches(source, **options)
