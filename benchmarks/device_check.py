@@ -1,14 +1,16 @@
-"""One prepared accelerator benchmark: the operator, the network and the training step.
+"""One prepared accelerator check: the Pallas kernels, the training step, the JAX input
+pipeline and train.py, in one command (under 10 minutes on one H100 or H200).
 
-    python benchmarks/device_check.py [--out device_check.json] [--budget-s 450]
-    python benchmarks/device_check.py --quick     # the same code at toy sizes (CPU, <2 min)
+    python benchmarks/device_check.py [--out device_check.json] [--budget-s 540]
+    python benchmarks/device_check.py --quick     # the same code at toy sizes (CPU)
+    python benchmarks/device_check.py --sections reassembly inference   # the other sections
     python benchmarks/device_check.py --profile --sections profile   # only the profile
-    python benchmarks/device_check.py --sections train pipeline      # the JAX input pipeline
-    python benchmarks/device_check.py --sections kernels   # the reassembly's Pallas kernels
 
 Needs no TensorFlow (the accelerator machines have JAX, Flax, Optax, Orbax and PyTorch).
-Sections, in this order (each row runs even when an earlier one failed; rows left once
---budget-s is spent are reported as skipped):
+The default sections are train, kernels, pipeline and trainpy, in that order, with the
+training step in float32 and bfloat16 for A2U share and the baseline. Each row runs even
+when an earlier one failed; rows left once --budget-s is spent are reported as skipped.
+Sections:
   1. reassembly: up/down forward and forward+backward of `a2u_jax.ops` for the
      benchmarks/reassembly.py cases and the same at 256 channels, beside the memory floors
      (nearest 2x upsampling, 2x2 average pooling);
@@ -21,12 +23,18 @@ Sections, in this order (each row runs even when an earlier one failed; rows lef
   4. network inference, A2U and baseline, 512x512 and 1024x1024, float32 and bfloat16;
   5. with --profile: the per-operation breakdown of the A2U and baseline training steps
      (benchmarks/profile_step.py) at the training section's size, float32 and bfloat16;
-  6. with --sections kernels: the reassembly's Pallas kernels (implementation="pallas",
+  6. kernels: the reassembly's Pallas kernels (implementation="pallas",
      a2u_jax/pallas_reassembly.py): the kernel tests on this device (pytest in a child
      process: tests/test_pallas_reassembly.py, the Pallas cases of tests/test_ops.py and
      the network's float64 gradients of tests/test_reference.py), forward and
      forward+backward times beside XLA's ("slices") for the reassembly section's cases,
-     and the A2U training step with each beside the baseline's.
+     and the A2U training step with each beside the baseline's (the train section's
+     float32 rows where it ran);
+  7. pipeline: the JAX input pipeline's device-side augmentation beside the A2U step and
+     the whole pipeline's samples/s with 4 host threads (benchmarks/pipeline_check.py);
+  8. trainpy: train.py with --config.data.pipeline=jax on the shipped photographs
+     enlarged 2x, once uninterrupted and once killed with SIGKILL after its first
+     checkpoint and resumed: the same losses, and best_model/ written.
 Each training row runs in its own process, so its peak memory is its own and an
 out-of-memory error stays in its row. Prints a markdown table per section and writes
 them all to --out as JSON (complete when it appears).
@@ -41,7 +49,6 @@ import multiprocessing
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -97,12 +104,15 @@ def _with_channels(case: reassembly.Case, channels: int) -> reassembly.Case:
 FULL = Plan(
     reassembly_cases=tuple(reassembly.CASES[:2]) + tuple(
         _with_channels(c, 256) for c in reassembly.CASES[:2]),
-    train_variants=("share", "unshare", "baseline"), train_crop=512, train_batch=16, inference_sizes=(512, 1024), repeats=5)
+    # unshare (the generator's widths only) runs with --variants share unshare baseline.
+    train_variants=("share", "baseline"), train_crop=512, train_batch=16,
+    inference_sizes=(512, 1024), repeats=5)
 QUICK = Plan(
     reassembly_cases=tuple(reassembly.QUICK_CASES[:2]),
     # unshare differs from share only in the generator's widths; each variant's compile
     # costs ~40 s on a 2-core CPU.
-    train_variants=("share", "baseline"), train_crop=32, train_batch=2, inference_sizes=(32,), repeats=2)
+    train_variants=("share", "baseline"), train_crop=32, train_batch=2,
+    inference_sizes=(32,), repeats=2)
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -245,19 +255,22 @@ def markdown(report: dict) -> str:
            f"jaxlib {env['jaxlib']}, flax {env['flax']}, torch {env['torch']}",
            f"\nplan: {report['plan']}; total {report['seconds']:.0f} s ("
            + ", ".join(f"{k} {v:.0f} s" for k, v in report["section_seconds"].items())
-           + ")\n",
-           "## Reassembly (float32, default implementation)\n",
-           "| case | fwd ms | fwd+bwd ms | fwd+bwd / fwd | floor | floor fwd ms "
-           "| fwd / floor |", "|---|---:|---:|---:|---|---:|---:|"]
+           + ")\n"]
+  if report["reassembly"]:
+    lines += ["## Reassembly (float32, default implementation)\n",
+              "| case | fwd ms | fwd+bwd ms | fwd+bwd / fwd | floor | floor fwd ms "
+              "| fwd / floor |", "|---|---:|---:|---:|---|---:|---:|"]
   for r in report["reassembly"]:
     lines.append(f"| {r['case']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | "
                  f"{r['backward_ratio']:.2f} | {r['floor']} | {r['floor_forward_ms']:.3f} | "
                  f"{r['forward_vs_floor']:.2f} |")
   train = report["train"]
-  lines += [f"\n## Training step ({train['crop']}x{train['crop']} crops, batch "
-            f"{train['batch']}, {', '.join(train.get('dtypes', ['float32']))}, one device)\n",
-            "| implementation | step ms | images/s | compile s | peak memory GB "
-            "| TFLOP/step | MFU |", "|---|---:|---:|---:|---:|---:|---:|"]
+  if train["rows"]:
+    lines += [f"\n## Training step ({train['crop']}x{train['crop']} crops, batch "
+              f"{train['batch']}, {', '.join(train.get('dtypes', ['float32']))}, one "
+              f"device)\n",
+              "| implementation | step ms | images/s | compile s | peak memory GB "
+              "| TFLOP/step | MFU |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in train["rows"]:
     if "error" in r or "skipped" in r:
       lines.append(f"| {r['row']} | {r.get('error') or r['skipped']} | | | | | |")
@@ -274,8 +287,9 @@ def markdown(report: dict) -> str:
     if value is not None:
       text = texts.get(key, key.replace("_", " ").replace(" over ", " / "))
       lines.append(f"\n{text}: **{value:.2f}x**")
-  lines += ["\n## Inference (batch 1)\n",
-            "| model | size | dtype | ms | images/s | compile s |", "|---|---:|---|---:|---:|---:|"]
+  if report["inference"]:
+    lines += ["\n## Inference (batch 1)\n", "| model | size | dtype | ms | images/s "
+              "| compile s |", "|---|---:|---|---:|---:|---:|"]
   for r in report["inference"]:
     if "skipped" in r:
       lines.append(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['skipped']} | | |")
@@ -292,6 +306,10 @@ def markdown(report: dict) -> str:
     lines += [table["markdown"] + "\n" for table in report["profile"]]
   if report.get("kernels"):
     lines += kernels_markdown(report["kernels"])
+  if report.get("trainpy"):
+    lines.append("\n## train.py on the JAX pipeline: SIGKILL and resume "
+                 "(benchmarks/pipeline_check.py)\n")
+    lines.append(report["trainpy"].get("markdown", str(report["trainpy"])))
   return "\n".join(lines)
 
 
@@ -302,11 +320,13 @@ def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float 
 
 
 def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """`text` into `path` through a staging file beside it, made with the umask's mode (a
+  NamedTemporaryFile would be 0600)."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                   delete=False) as handle:
+  staging = path.parent / f".{path.name}.{os.getpid()}"
+  with open(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w") as handle:
     handle.write(text)
-  os.replace(handle.name, path)
+  os.replace(staging, path)
 
 
 def _progress(message: str) -> None:
@@ -423,8 +443,13 @@ def kernel_train_row(variant: str, crop: int, size: int, repeats: int,
   return jax_train_row(variant, crop, size, repeats)
 
 
-def kernels_section(plan: Plan, deadline: float) -> dict:
-  """Section 6: the kernel tests, then XLA vs Pallas reassembly times, then the steps."""
+def kernels_section(plan: Plan, deadline: float, train_rows: list[dict] = ()) -> dict:
+  """Section 6: the kernel tests, then XLA vs Pallas reassembly times, then the steps
+  (the float32 A2U share and baseline rows of `train_rows` where the train section ran
+  them at the same size)."""
+  measured = {"A2U share, XLA reassembly": "a2u_jax share", "baseline": "a2u_jax baseline"}
+  measured = {name: row for name, label in measured.items() for row in train_rows
+              if row.get("row") == label and "step_ms" in row}
   tests = kernel_tests(max(60.0, deadline - time.perf_counter()))
   _progress(f"kernels: tests {tests['summary']}")
   rows = []
@@ -445,6 +470,9 @@ def kernels_section(plan: Plan, deadline: float) -> dict:
   for name, args in (("A2U share, XLA reassembly", ("share", "slices")),
                      ("A2U share, Pallas reassembly", ("share", "pallas")),
                      ("baseline", ("baseline", "slices"))):
+    if name in measured:
+      steps[name] = measured[name]
+      continue
     if time.perf_counter() > deadline:
       steps[name] = {"skipped": "time budget spent"}
       continue
@@ -489,13 +517,13 @@ def kernels_markdown(section: dict) -> list[str]:
   return lines
 
 
-SECTIONS = ("reassembly", "train", "inference", "profile", "pipeline", "kernels")
-DEFAULT_SECTIONS = ("reassembly", "train", "inference")
+SECTIONS = ("reassembly", "train", "inference", "profile", "pipeline", "kernels", "trainpy")
+DEFAULT_SECTIONS = ("train", "kernels", "pipeline", "trainpy")
 
 
 def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
         sections: tuple[str, ...] = DEFAULT_SECTIONS, variants: tuple[str, ...] | None = None,
-        train_dtypes: tuple[str, ...] = ("float32",),
+        train_dtypes: tuple[str, ...] = ("float32", "bfloat16"),
         on_section: Callable[[dict], None] = lambda report: None) -> dict:
   """Runs the chosen sections; `on_section` gets the report after each one."""
   started = time.perf_counter()
@@ -516,7 +544,14 @@ def run(plan: Plan, budget_s: float, *, with_torch: bool = True,
     elif section == "profile":
       report["profile"] = profile_section(plan, deadline)
     elif section == "kernels":
-      report["kernels"] = kernels_section(plan, deadline)
+      same_size = report["train"]["crop"] == plan.train_crop
+      report["kernels"] = kernels_section(plan, deadline,
+                                          report["train"]["rows"] if same_size else ())
+    elif section == "trainpy":
+      if time.perf_counter() > deadline:
+        report["trainpy"] = {"markdown": "skipped: time budget spent"}
+      else:
+        report["trainpy"] = _in_child(pipeline_check.train_rows, plan is QUICK)
     elif section == "pipeline":
       # The JAX input pipeline beside the A2U step it feeds (benchmarks/pipeline_check.py,
       # whose train section runs train.py for minutes and so runs on its own).
@@ -540,22 +575,22 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="toy sizes (the same code; runs on a CPU in under 2 minutes)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("device_check.json"))
-  parser.add_argument("--budget-s", type=float, default=450.0,
+  parser.add_argument("--budget-s", type=float, default=540.0,
                       help="skip the rows that would start after this many seconds")
   parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch row")
   parser.add_argument("--sections", nargs="+", choices=SECTIONS,
                       default=list(DEFAULT_SECTIONS),
-                      help="which sections to run, in this order (default: reassembly, "
-                           "train, inference)")
+                      help="which sections to run, in this order (default: "
+                           f"{', '.join(DEFAULT_SECTIONS)})")
   parser.add_argument("--train-dtypes", nargs="+", choices=("float32", "bfloat16"),
-                      default=["float32"],
+                      default=["float32", "bfloat16"],
                       help="config.dtype of the training-step rows (bfloat16: mixed precision; "
                            "the PyTorch row then runs under torch.autocast(bfloat16))")
   parser.add_argument("--profile", action="store_true",
                       help="add the profile section (per-operation breakdown of the A2U and "
                            "baseline training steps, float32 and bfloat16)")
   parser.add_argument("--variants", nargs="+", choices=("share", "unshare", "baseline"),
-                      help="training-step rows (default: all three; --quick: share, baseline)")
+                      help="training-step rows (default: share, baseline)")
   args = parser.parse_args(argv)
   if args.budget_s <= 0:
     parser.error(f"--budget-s must be > 0, got {args.budget_s}")
@@ -570,7 +605,8 @@ def main(argv: list[str] | None = None) -> None:
   if args.profile and "profile" not in sections:
     sections += ("profile",)
   report = run(QUICK if args.quick else FULL, args.budget_s, with_torch=not args.no_torch,
-               sections=sections, train_dtypes=tuple(args.train_dtypes), variants=args.variants and tuple(args.variants),
+               sections=sections, train_dtypes=tuple(args.train_dtypes),
+               variants=args.variants and tuple(args.variants),
                on_section=save)
   print(markdown(report), flush=True)
   print(f"\nwritten: {args.out}")

@@ -234,6 +234,21 @@ def device_rows(quick: bool, step_ms: float, host_threads: int = 4) -> dict:
                                  _table("the whole pipeline", pipeline)])}
 
 
+def train_rows(quick: bool) -> dict:
+  """Section 3 as device_check.py's trainpy section runs it: 60 steps at 512x512 (the
+  quick plan's 6 at 64x64) on the photographs enlarged 2x, a checkpoint every 20."""
+  args = argparse.Namespace()
+  args.batch, args.crop, scale = (2, 64, 0.25) if quick else (16, 512, 2.0)
+  args.batch = -(-args.batch // jax.device_count()) * jax.device_count()
+  args.steps, args.checkpoint_every = (6, 2) if quick else (60, 20)
+  with tempfile.TemporaryDirectory() as scratch:
+    scratch = pathlib.Path(scratch)
+    data = make_folder(scratch / "data", scale, 13)
+    row = train_section(scratch / "data", args, scratch)
+  return row | {"markdown": f"data: {data}; batch {args.batch} of {args.crop}x{args.crop} "
+                            f"crops" + _table("train.py, SIGKILL and resume", row)}
+
+
 def _table(title: str, row: dict) -> str:
   cells = [f"{value:.3g}" if isinstance(value, float) else str(value) for value in row.values()]
   return (f"\n{title}\n| {' | '.join(row)} |\n|{'---|' * len(row)}\n| {' | '.join(cells)} |")

@@ -66,7 +66,8 @@ def test_train_step_benchmark_prints_its_table():
 def test_device_check_quick_prints_its_tables_and_writes_json(tmp_path):
   import json
 
-  out = _run("benchmarks/device_check.py", "--quick", "--out", str(tmp_path / "check.json"))
+  out = _run("benchmarks/device_check.py", "--quick", "--sections", "reassembly", "train",
+             "inference", "--train-dtypes", "float32", "--out", str(tmp_path / "check.json"))
   for heading in ("## Reassembly", "## Training step (32x32 crops, batch 2", "## Inference"):
     assert heading in out
   report = json.loads((tmp_path / "check.json").read_text())
@@ -97,6 +98,22 @@ def test_device_check_peak_table_and_arguments():
   result = subprocess.run([sys.executable, "benchmarks/device_check.py", "--budget-s", "0"],
                           cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 2 and "--budget-s must be > 0" in result.stderr
+  # The one device command covers the accelerator checks in the order they matter: the
+  # training steps (float32 and bfloat16), the Pallas kernels, the input pipeline, train.py.
+  assert device_check.DEFAULT_SECTIONS == ("train", "kernels", "pipeline", "trainpy")
+  assert device_check.FULL.train_crop == 512 and device_check.FULL.train_batch == 16
+  assert device_check.FULL.train_variants == ("share", "baseline")
+
+
+@pytest.mark.slow  # train.py twice at toy size, one killed and resumed (~2 min)
+def test_device_check_trainpy_section_resumes_to_the_same_losses(tmp_path):
+  out_file = tmp_path / "device_check.json"
+  out = _run("benchmarks/device_check.py", "--quick", "--sections", "trainpy", "--out",
+             str(out_file))
+  assert "## train.py on the JAX pipeline: SIGKILL and resume" in out
+  report = json.loads(out_file.read_text())["trainpy"]
+  assert report["steps"] == 6 and report["killed_after_step"] < 6
+  assert report["resumed_losses_equal"] and report["best_model"]
 
 
 @pytest.mark.slow  # PyMatting's Numba kernels compile on first use (~50 s in a fresh venv)

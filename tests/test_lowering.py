@@ -8,10 +8,16 @@ the data-parallel step's shard_map over several devices. Lowering is the whole c
 program is compiled for those platforms (that needs their compilers, i.e. the devices;
 benchmarks/device_check.py runs them there).
 
-Programs that hold the Pallas kernels lower for one platform at a time: JAX lowers every
-branch of a `lax.platform_dependent` for each platform of a multi-platform lowering, and
-the Triton branch has no CPU or TPU lowering. Everything else lowers for ("cuda", "tpu")
-in one multi-platform lowering (one trace, both platforms' code in one module).
+Everything lowers for ("cuda", "tpu") in one multi-platform lowering (one trace, both
+platforms' code in one module), except where the export API or the design says no:
+- the Pallas kernels lower for one platform at a time (JAX lowers every branch of a
+  `lax.platform_dependent` for each platform of a multi-platform lowering, and the Triton
+  branch has no CPU or TPU lowering), and for TPUs they are refused by design;
+- exports holding Triton calls serialise only with jax.export's custom-call check lifted
+  (`DisabledSafetyCheck.custom_call`), and the train step's export does not serialise at
+  all (its optimiser state holds optax pytree nodes jax.export has no serialisation for);
+- the reconstruction demo's step is a closure inside `reconstruction_demo.fit`; its A2U
+  layers are the resampler family's "a2u", lowered below.
 
 The full network's step takes seconds to trace, so the default run lowers two of them (A2U
 share, float32 on the XLA path and bfloat16 on the Pallas path); the rest of the (network x
