@@ -42,8 +42,10 @@ def checkpoint_managers(workdir: pathlib.Path, config: ml_collections.ConfigDict
   return latest, best
 
 
-def save(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
-          metrics: dict[str, float] | None = None) -> None:
+def save(manager: ocp.CheckpointManager, state: state_lib.TrainState,
+         config: ml_collections.ConfigDict, metrics: dict[str, float] | None = None) -> None:
+  """Saves `state` (host arrays) as its step, with the data stream's position (seed and
+  batch size, checked on restore); `metrics` are what a best_fn manager chooses by."""
   step = int(state.step)
   position = {"step": step, "seed": int(config.seed), "batch_size": int(config.batch_size)}
   manager.save(step, args=ocp.args.Composite(
@@ -51,8 +53,9 @@ def save(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
       metrics=metrics)
 
 
-def restore(manager: ocp.CheckpointManager, state: state_lib.TrainState, config,
-             sharding: jax.sharding.Sharding) -> tuple[state_lib.TrainState, int]:
+def restore(manager: ocp.CheckpointManager, state: state_lib.TrainState,
+            config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding
+            ) -> tuple[state_lib.TrainState, int]:
   """The latest checkpoint's state, placed with `sharding` on every process (a
   multi-host restore must not land on another host's device), and its step."""
   step = manager.latest_step()
@@ -97,7 +100,9 @@ def check_complete(manager: ocp.CheckpointManager, step: int) -> None:
                    f"interrupted copy?): {fallback}")
 
 
-def save_model(directory: pathlib.Path, state: state_lib.TrainState, config) -> None:
+def save_model(directory: pathlib.Path, state: state_lib.TrainState,
+               config: ml_collections.ConfigDict) -> None:
+  """A model checkpoint (checkpointing.load_model_checkpoint) of `state` in `directory`."""
   checkpointing.save_model_checkpoint(
       directory, {"params": state.params, "batch_stats": state.batch_stats},
       state_lib.model_options(config), force=True)

@@ -1,5 +1,10 @@
 """The training loop around the pure steps: data, devices, checkpoints, logging, validation.
 
+`train_and_evaluate(config, workdir)` reads top to bottom: `_start` (the config checked by
+config_checks.py, the data, the workdir, the state built or restored), `_train` (each step,
+with its logs, image summaries, validation (validation.py) and checkpoints
+(bookkeeping.py)), `_finish` (the final model).
+
 Everything a run writes goes to its workdir:
   checkpoints/   the last `keep_checkpoints` states (orbax; params, batch stats, optimiser,
                  step, and the data stream position)
@@ -18,6 +23,8 @@ interrupted one would have seen, and logs the same losses.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -25,17 +32,17 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
-from a2u_jax import distributed, inputs
-from a2u_jax import metrics as matting_metrics, parallel, predict, sad_rules
+from a2u_jax import distributed, models, parallel, predict
 from a2u_jax.training import bookkeeping, config_checks
 from a2u_jax.training import state as state_lib
-from a2u_jax.training import steps
+from a2u_jax.training import steps, validation
 from a2u_jax.training import workdir as workdir_lib
 
 # Model checkpoints (checkpointing.load_model_checkpoint) in the workdir: the final model,
@@ -44,13 +51,15 @@ from a2u_jax.training import workdir as workdir_lib
 MODEL_DIR = "model"
 BEST_MODEL_DIR = "best_model"
 log = logging.getLogger(__name__)
-# train.py and the tests reach these through the loop (the private ones by the names they
-# had when they were defined here).
+# What train.py and the tests reach through the loop (the private names are the ones these
+# had when they were defined here). The loop calls `validate` by this name, so a test can
+# replace it.
 NonFiniteError, PendingMetrics = bookkeeping.NonFiniteError, bookkeeping.PendingMetrics
-num_train_steps = config_checks.num_train_steps
-_Logger, _restore = bookkeeping.Logger, bookkeeping.restore
-_truncate_metrics, _validation_interval = (bookkeeping.truncate_metrics,
-                                           config_checks.validation_interval)
+num_train_steps, validate = config_checks.num_train_steps, validation.validate
+_Logger, _restore, _truncate_metrics = (bookkeeping.Logger, bookkeeping.restore,
+                                        bookkeeping.truncate_metrics)
+_validation_interval = config_checks.validation_interval
+_validation_items = validation.validation_items
 
 
 class Interrupted(Exception):
@@ -93,40 +102,6 @@ class _StopRequests:
   def __exit__(self, *exc):
     for number, handler in self._previous.items():
       signal.signal(number, handler)
-
-
-def _validation_items(config: ml_collections.ConfigDict):
-  """The validation set named by config.validation (its rule checked too, before training).
-
-  "composition1k" reads config.validation.data_dir: a folder with image/ and trimap/ (and
-  alpha/) subfolders, or else the TFDS data_dir of the prepared builder."""
-  import data_pipeline
-
-  validation = config.validation
-  if validation.sad_rule not in sad_rules.SAD_RULES:
-    raise ValueError(f"config.validation.sad_rule must be one of "
-                     f"{', '.join(sad_rules.SAD_RULES)}, got {validation.sad_rule!r}")
-  readers = config_checks.validation_readers()
-  if validation.source == "composition1k":
-    if not validation.data_dir:
-      raise ValueError("config.validation.source='composition1k' needs "
-                       "config.validation.data_dir: the TFDS data_dir where "
-                       "data_pipeline.tfds_builders.prepare('composition1k', ...) wrote the "
-                       "test set, or a folder with image/, trimap/ and alpha/")
-    root = pathlib.Path(validation.data_dir).expanduser()
-    if (root / "image").is_dir() and (root / "trimap").is_dir():
-      items = data_pipeline.folder_items(root)
-    else:
-      items = data_pipeline.tfds_items("composition1k", str(root))
-  elif validation.source not in readers:
-    raise ValueError(f"config.validation.source must be one of composition1k, "
-                     f"{', '.join(readers)}, got {validation.source!r}")
-  else:
-    items = readers[validation.source](**validation.options)
-  if not len(items):
-    raise ValueError(f"config.validation: source {validation.source!r} gave no images; "
-                     f"validation needs at least one")
-  return items
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -181,51 +156,6 @@ def make_train_step(config: ml_collections.ConfigDict, runtime: parallel.DataPar
   return runtime.step(step, in_specs=(parallel.REPLICATED, parallel.SPLIT, parallel.REPLICATED),
                       out_specs=(parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
 
-def validate(predictor: predict.Predictor, items, batch_size: int, sad_rule: str
-             ) -> dict[str, float]:
-  """Mean SAD and MSE (the papers' units) over evaluation items with ground truth.
-
-  The SAD follows `sad_rule` (a name in `sad_rules.SAD_RULES`: "authors", their training's
-  validation SAD of the float alpha, or "matlab", the published SAD of the saved 8-bit
-  alpha); it is what chooses best_model/. The MSE is the published one (8-bit alpha).
-
-  Every process of a multi-host run takes its slice of each global batch
-  (`eval_batches`' shards), predicts it with `predictor` (over every process's devices,
-  called by all together) and scores its images; the scores are gathered, so every
-  process returns the same means (or raises the same error).
-  """
-  import data_pipeline
-
-  sad = sad_rules.SAD_RULES[sad_rule]
-  local = predictor.runtime.local_devices
-  batch_size = -(-batch_size // local) * local
-  scores = []  # per batch slot: (sad, mse, 1 a real image | 0 a filler | -1 no alpha)
-  unscored = []
-  for batch in data_pipeline.eval_batches(items, batch_size=batch_size,
-                                          shard_index=jax.process_index(),
-                                          num_shards=jax.process_count()):
-    alphas = predictor(batch["image"], batch["trimap"])
-    rows = []
-    for i in np.flatnonzero(batch["valid"]):
-      if not batch["has_alpha"][i]:
-        unscored.append(batch["name"][i])
-        rows.append((0.0, 0.0, -1.0))
-        continue
-      h, w = int(batch["height"][i]), int(batch["width"][i])
-      alpha, gt, trimap = (alphas[i, :h, :w, 0], batch["alpha"][i, :h, :w, 0],
-                           batch["trimap"][i, :h, :w, 0])
-      rows.append((sad(alpha, gt, trimap),
-                   matting_metrics.mse(inputs.quantize_alpha(alpha), gt, trimap), 1.0))
-    scores += rows + [(0.0, 0.0, 0.0)] * (batch_size - len(rows))
-  gathered = distributed.allgather(np.array(scores, np.float64).reshape(-1, 3))
-  sad_values, mse, kind = gathered.reshape(-1, 3).T
-  if (kind == -1).any():  # raised by every process, after the collective
-    example = f", e.g. {unscored[0]}" if unscored else ""
-    raise ValueError(f"{int((kind == -1).sum())} validation image(s) have no ground-truth "
-                     f"alpha{example}; validation scores every image")
-  real = kind == 1.0
-  return {"sad": float(np.mean(sad_values[real])), "mse": float(np.nanmean(mse[real]))}
-
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        *, progress: bool = True) -> dict[str, Any]:
@@ -235,14 +165,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   first), and never over another run's results without their checkpoints."""
   if not str(workdir).strip():
     raise ValueError("--workdir is empty; name the run's folder")
+  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   try:
-    return _train_and_evaluate(config, workdir, progress=progress)
+    run, device_state = _start(config, workdir)
+    device_state, last = _train(run, device_state, progress)
+    _finish(run, device_state)
+    return last
   finally:
-    workdir_lib.release(pathlib.Path(workdir).absolute())
+    workdir_lib.release(workdir)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                        *, progress: bool) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Run:
+  """What every step of one run uses, made once by `_start`."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  lead: bool  # process 0: it writes metrics, model checkpoints and the logs
+  runtime: parallel.DataParallel
+  train_step: Callable  # make_train_step's: (device state, batch, rng) -> (state, metrics)
+  eval_model: models.MattingNet  # without the device axis: validation and summaries
+  batches: Iterator[dict[str, Any]]  # from the batch of step start_step + 1 on
+  rng: jax.Array  # the dropout key, on the devices
+  start_step: int  # the checkpoint resumed from (0: a new run)
+  total_steps: int
+  eval_every: int  # 0: no validation
+  items: Sequence[Any]  # the validation set (data_pipeline evaluation items)
+  latest: ocp.CheckpointManager  # checkpoints/
+  best: ocp.CheckpointManager  # best/
+  logger: bookkeeping.Logger
+  # Where the run's time goes, logged at the end: the first step (which compiles the
+  # training step), the other steps, validation (its first call compiles the
+  # prediction) and checkpoints.
+  spent: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def predictor(self, device_state: state_lib.TrainState) -> predict.Predictor:
+    return predict.Predictor(self.eval_model, {"params": device_state.params,
+                                               "batch_stats": device_state.batch_stats},
+                             self.runtime.devices)
+
+
+def _start(config: ml_collections.ConfigDict, workdir: pathlib.Path
+           ) -> tuple[_Run, state_lib.TrainState]:
+  """Checks the config and the data (before anything is written), claims `workdir`, and
+  builds the state or restores it from the last checkpoint: the run, and the state on
+  the devices."""
   # Before anything asks JAX for devices (validate_config does); train.py has already
   # started it when given an explicit coordinator.
   distributed.initialize(auto=config.distributed)
@@ -252,9 +218,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   # Building the source validates the data (folders, pairs, sizes) before anything slow.
   source = _training_source(config)
-  eval_every = _validation_interval(config)
-  items = _validation_items(config) if eval_every else []
-  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
+  eval_every = config_checks.validation_interval(config)
+  items = validation.validation_items(config) if eval_every else []
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir}: exists and is not a folder")
   workdir.mkdir(parents=True, exist_ok=True)
@@ -263,144 +228,164 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
   if lead:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   runtime = parallel.DataParallel()
-  model = state_lib.model_from_config(config, axis_name=parallel.AXIS)
-  eval_model = state_lib.model_from_config(config)
-  train_step = make_train_step(config, runtime)
-  total_steps = num_train_steps(config)
-  host_batch = config.batch_size // jax.process_count()
-
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
-  state = state_lib.create_train_state(config, init_rng, model)
+  total_steps = config_checks.num_train_steps(config)
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = state_lib.create_train_state(
+      config, init_rng, state_lib.model_from_config(config, axis_name=parallel.AXIS))
   latest, best = bookkeeping.checkpoint_managers(workdir, config)
-  state, start_step = _restore(latest, state, config, runtime.replicated)
-  logger = _Logger(workdir, lead)
+  state, start_step = bookkeeping.restore(latest, state, config, runtime.replicated)
+  logger = bookkeeping.Logger(workdir, lead)
   if lead:
-    _truncate_metrics(logger.path, start_step)
+    bookkeeping.truncate_metrics(logger.path, start_step)
     log.info("%s: %d parameters; %s from step %d to %d", workdir,
-                 state_lib.count_parameters(state.params),
-                 "resuming" if start_step else "starting", start_step, total_steps)
-
+             state_lib.count_parameters(state.params),
+             "resuming" if start_step else "starting", start_step, total_steps)
   batches = _training_batches(
-      source, runtime, batch_size=host_batch, crop_size=config.crop_size, seed=config.seed,
-      shard_index=jax.process_index(), num_shards=jax.process_count(),
-      skip_batches=start_step)
-
+      source, runtime, batch_size=config.batch_size // jax.process_count(),
+      crop_size=config.crop_size, seed=config.seed, shard_index=jax.process_index(),
+      num_shards=jax.process_count(), skip_batches=start_step)
   device_state = runtime.put(state)
-  device_rng = runtime.put(dropout_rng)
+  run = _Run(config, workdir, lead, runtime, make_train_step(config, runtime),
+             state_lib.model_from_config(config), batches, runtime.put(dropout_rng),
+             start_step, total_steps, eval_every, items, latest, best, logger)
+  return run, device_state
 
-  def predictor(device_state):
-    return predict.Predictor(eval_model, {"params": device_state.params,
-                                          "batch_stats": device_state.batch_stats},
-                             runtime.devices)
 
-  last: dict[str, Any] = {}
-  bar = _progress_bar(start_step, total_steps, progress and lead)
-  step = start_step
-  # Where the run's time goes, logged at the end: the first step (which compiles the
-  # training step), the other steps, validation (its first call compiles the
-  # prediction) and checkpoints.
-  spent = collections.Counter()
-  if lead and step < total_steps:
+def _train(run: _Run, device_state: state_lib.TrainState, progress: bool
+           ) -> tuple[state_lib.TrainState, dict[str, Any]]:
+  """Steps from run.start_step to run.total_steps, each logging, summarising, validating
+  and checkpointing on its schedule: the last state and the last logged metrics. Raises
+  Interrupted where a signal stopped the run first (after that step's checkpoint)."""
+  config, step, last = run.config, run.start_step, {}
+  bar = _progress_bar(step, run.total_steps, progress and run.lead)
+  if run.lead and step < run.total_steps:
     log.info("compiling the training step (the first step waits for it)")
-  stop = _StopRequests()
-  pending = PendingMetrics()
+  stop, pending = _StopRequests(), bookkeeping.PendingMetrics()
   read_at, read_step = time.perf_counter(), step  # images/s over the steps between reads
   try:
     with stop:
-      while step < total_steps:
+      while step < run.total_steps:
         started = time.perf_counter()
-        batch = next(batches)
-        device_state, step_metrics = train_step(device_state, runtime.shard(batch),
-                                                device_rng)
+        batch = next(run.batches)
+        device_state, step_metrics = run.train_step(device_state, run.runtime.shard(batch),
+                                                    run.rng)
         step += 1
         pending.add(step, step_metrics)
-        first = step == start_step + 1
-        validating = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
-        checkpointing_now = step % config.checkpoint_every == 0 or step == total_steps
+        first, final = step == run.start_step + 1, step == run.total_steps
+        validating = run.eval_every > 0 and (step % run.eval_every == 0 or final)
+        checkpointing_now = step % config.checkpoint_every == 0 or final
         summarising = bool(config.image_summary_every) and (
             step % config.image_summary_every == 0)
-        logging_now = step % config.log_every == 0 or step == total_steps
-        stopping = step < total_steps and _any_process(stop.signal_name is not None)
+        logging_now = step % config.log_every == 0 or final
+        stopping = not final and _any_process(stop.signal_name is not None)
         if first or logging_now or validating or checkpointing_now or summarising or stopping:
-          last = pending.read(latest.latest_step())
+          last = pending.read(run.latest.latest_step())
           now = time.perf_counter()
           last["images_per_second"] = config.batch_size * (step - read_step) / (now - read_at)
           read_at, read_step = now, step
           bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_second']:.1f}")
-        spent["first step (compiles)" if first else "other steps"] += (
+        run.spent["first step (compiles)" if first else "other steps"] += (
             time.perf_counter() - started)
-        if first and lead:
+        if first and run.lead:
           log.info("first step done in %.1f s (including the compile)",
                    time.perf_counter() - started)
         bar.update(1)
         if logging_now:
-          logger.scalars(step, last)
+          run.logger.scalars(step, last)
         if summarising:
-          batch = runtime.local_batch(batch)
-          try:
-            logger.images(step, batch,
-                          predictor(device_state)(batch["image"], batch["trimap"]))
-          except Exception:
-            # Image summaries must not cost the step's training either: save it first.
-            bookkeeping.save(latest, runtime.get(device_state), config)
-            raise
+          _image_summaries(run, device_state, step, batch)
         # Everything a step logs is written before its checkpoint is: a run killed after
         # the checkpoint resumes past this step and would not log it again.
+        values = None
         if validating:
-          started = time.perf_counter()
-          try:
-            values = validate(predictor(device_state), items, config.validation.batch_size,
-                              config.validation.sad_rule)
-          except Exception:
-            # A validation that fails must not cost the step's training: save it first.
-            bookkeeping.save(latest, runtime.get(device_state), config)
-            raise
-          spent["validation"] += time.perf_counter() - started
-          logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
+          values = _validate_step(run, device_state, step)
           last.update({f"validation/{k}": v for k, v in values.items()})
         started = time.perf_counter()
         if checkpointing_now or validating:
-          host_state = runtime.get(device_state)  # once for every save of this step
-        if checkpointing_now or validating:
-          # Validation steps checkpoint too: best/ and best_model/ never hold a step that
-          # a resume would not start after.
-          bookkeeping.save(latest, host_state, config)
-        if validating and not np.isfinite(values["sad"]):
-          log.warning("step %d: the validation SAD is %s; best/ and best_model/ are not "
-                      "chosen by it", step, values["sad"])
-        elif validating:
-          # best/ keeps the lowest validation SAD (by config.validation.sad_rule); on a tie
-          # the later step wins, as the authors' `<=`. Unlike them, the first validation
-          # counts too (their model_best.pth is first written after the second epoch).
-          bookkeeping.save(best, host_state, config, metrics=values)
-          if lead and best.best_step() == step:  # a model checkpoint, for predict/evaluate
-            bookkeeping.save_model(workdir / BEST_MODEL_DIR, host_state, config)
-        spent["checkpoints"] += time.perf_counter() - started
+          _checkpoint(run, device_state, step, values)
+        run.spent["checkpoints"] += time.perf_counter() - started
         if stopping:
           # Another process's signal stops this one too (at the same step).
           stop.signal_name = stop.signal_name or "SIGTERM"
-          if step != latest.latest_step():
-            bookkeeping.save(latest, runtime.get(device_state), config)
+          if step != run.latest.latest_step():
+            bookkeeping.save(run.latest, run.runtime.get(device_state), config)
           break
   except KeyboardInterrupt:
     # A second Ctrl-C (or one outside the handlers' reach): the step under way is
     # dropped; the last checkpoint stays, and a rerun logs every later step once.
-    latest.wait_until_finished()
-    raise Interrupted("SIGINT", step, latest.latest_step()) from None
+    run.latest.wait_until_finished()
+    raise Interrupted("SIGINT", step, run.latest.latest_step()) from None
   finally:
     bar.close()
-    latest.wait_until_finished()
-    best.wait_until_finished()
-    logger.flush()
-  if step < total_steps:
-    raise Interrupted(stop.signal_name, step, latest.latest_step())
-  if lead:
-    bookkeeping.save_model(workdir / MODEL_DIR, runtime.get(device_state), config)
+    run.latest.wait_until_finished()
+    run.best.wait_until_finished()
+    run.logger.flush()
+  if step < run.total_steps:
+    raise Interrupted(stop.signal_name, step, run.latest.latest_step())
+  return device_state, last
+
+
+@contextlib.contextmanager
+def _saved_if_it_fails(run: _Run, device_state: state_lib.TrainState) -> Iterator[None]:
+  """A summary or a validation that fails must not cost the step's training: the step's
+  state is saved to checkpoints/ before the error goes on."""
+  try:
+    yield
+  except Exception:
+    bookkeeping.save(run.latest, run.runtime.get(device_state), run.config)
+    raise
+
+
+def _image_summaries(run: _Run, device_state: state_lib.TrainState, step: int,
+                     batch: dict[str, Any]) -> None:
+  """The step's batch (this process's part) and the step's predicted alpha, to TensorBoard."""
+  batch = run.runtime.local_batch(batch)
+  with _saved_if_it_fails(run, device_state):
+    run.logger.images(step, batch, run.predictor(device_state)(batch["image"], batch["trimap"]))
+
+
+def _validate_step(run: _Run, device_state: state_lib.TrainState, step: int
+                   ) -> dict[str, float]:
+  """The step's validation SAD and MSE (`validate`), logged as validation/sad, .../mse."""
+  started = time.perf_counter()
+  with _saved_if_it_fails(run, device_state):
+    values = validate(run.predictor(device_state), run.items,
+                      run.config.validation.batch_size, run.config.validation.sad_rule)
+  run.spent["validation"] += time.perf_counter() - started
+  run.logger.scalars(step, {f"validation/{k}": v for k, v in values.items()})
+  return values
+
+
+def _checkpoint(run: _Run, device_state: state_lib.TrainState, step: int,
+                values: dict[str, float] | None) -> None:
+  """Saves the step to checkpoints/, and where `values` (its validation; None without one)
+  has the lowest SAD so far, to best/ and best_model/ too."""
+  host_state = run.runtime.get(device_state)  # once for every save of this step
+  # Validation steps checkpoint too: best/ and best_model/ never hold a step that a resume
+  # would not start after.
+  bookkeeping.save(run.latest, host_state, run.config)
+  if values is None:
+    return
+  if not np.isfinite(values["sad"]):
+    log.warning("step %d: the validation SAD is %s; best/ and best_model/ are not chosen "
+                "by it", step, values["sad"])
+    return
+  # best/ keeps the lowest validation SAD (by config.validation.sad_rule); on a tie the
+  # later step wins, as the authors' `<=`. Unlike them, the first validation counts too
+  # (their model_best.pth is first written after the second epoch).
+  bookkeeping.save(run.best, host_state, run.config, metrics=values)
+  if run.lead and run.best.best_step() == step:  # a model checkpoint, for predict/evaluate
+    bookkeeping.save_model(run.workdir / BEST_MODEL_DIR, host_state, run.config)
+
+
+def _finish(run: _Run, device_state: state_lib.TrainState) -> None:
+  """The final model checkpoint (model/), once every process has finished training."""
+  if run.lead:
+    bookkeeping.save_model(run.workdir / MODEL_DIR, run.runtime.get(device_state), run.config)
   distributed.barrier("final model written")
-  if lead and spent:
-    log.info("time: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items()))
-  return last
+  if run.lead and run.spent:
+    log.info("time: %s", ", ".join(f"{name} {seconds:.1f} s"
+                                   for name, seconds in run.spent.items()))
 
 
 def _any_process(flag: bool) -> bool:
