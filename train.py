@@ -11,15 +11,18 @@ Several hosts (JAX's multi-controller runtime, one process per host, every proce
 the same command and --workdir on storage they share):
   python train.py ... --coordinator_address HOST0:1234 --num_processes N --process_id I
 (each process says what it waits for, and gives up after --distributed_timeout seconds,
-naming the missing process or the coordinator it cannot reach)
+naming the missing process or the coordinator it cannot reach; a process that dies mid-run
+is named by the others, which stop at once)
 or, where JAX detects the cluster itself (SLURM, Open MPI, TPU pods, Kubernetes):
   python train.py ... --config.distributed=True
 """
 
 import difflib
 import logging
+import os
 import signal
 import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -34,6 +37,9 @@ flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many proces
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process, 0..N-1.")
 flags.DEFINE_float("distributed_timeout", 300, "Multi-process runs: seconds to wait at "
                    "start-up for every process to join before giving up.")
+flags.DEFINE_float("heartbeat_timeout", 30, "Multi-process runs: seconds without news of a "
+                   "process (a host that vanished) before the others stop. A process that "
+                   "dies outright is named by the others at once.")
 flags.DEFINE_bool("verbose", False, "On errors, print the traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -134,15 +140,29 @@ def main(argv):
     distributed.initialize(auto=FLAGS.config.distributed,
                            coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                           timeout=FLAGS.distributed_timeout)
+                           timeout=FLAGS.distributed_timeout,
+                           heartbeat_timeout=FLAGS.heartbeat_timeout)
   except ValueError as error:
     sys.exit(f"error: {error}")
+  from a2u_jax import checkpointing
   from a2u_jax.training import loop
   try:
-    last = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      last = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Exception as error:
+      distributed.wait_for_lost_process(error)  # which then says which process, and exits
+      raise
   except loop.Interrupted as stop:
     print(stop, file=sys.stderr)
     sys.exit(128 + getattr(signal, stop.signal_name))
+  except checkpointing.StorageError as error:
+    if FLAGS.verbose:
+      traceback.print_exc()
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    # Not sys.exit: the threads of orbax's failed save can wait minutes for signals that
+    # will not come, holding the exit, then print their tracebacks. Everything the run
+    # keeps is written (the loop waited for its other saves and flushed its logs).
+    os._exit(1)
   except (ValueError, ImportError, OSError, loop.NonFiniteError) as error:
     if FLAGS.verbose:
       raise

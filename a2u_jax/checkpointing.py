@@ -16,14 +16,18 @@ Older checkpoints are migrated when they are loaded; the folder itself is left a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pathlib
 import re
 import secrets
 import shutil
-import tempfile
-from typing import Any
+import sys
+import threading
+import time
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -36,6 +40,120 @@ VARIABLES_DIR = "variables"
 FORMAT_VERSION = 2
 # Version 1 kept A2U's options as model.json keys of their own.
 _V1_A2U_OPTIONS = ("share", "up_kernel_size", "encode_kernel_size", "rank", "groups")
+# Writes that fail because of where they go, not of what is written: the cause, and what
+# the user does about it.
+_STORAGE_FAULTS = {
+    errno.ENOSPC: ("no space left on the device", "free space there"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there or raise the quota"),
+    errno.EROFS: ("the file system is read-only", "make it writable (remount it read-write)"),
+    errno.EACCES: ("permission denied", "give this user write permission there"),
+    errno.EPERM: ("operation not permitted", "give this user write permission there"),
+    errno.EFBIG: ("a file grew past this process's file size limit",
+                  "raise the limit (ulimit -f)"),
+}
+
+
+class StorageError(OSError):
+  """A write failed because of its storage (full, read-only, not writable by this user).
+
+  Its message is one line: the folder, the cause, and what to do. Attributes: errno,
+  folder (pathlib.Path)."""
+
+  def __init__(self, number: int, folder: pathlib.Path, message: str):
+    super().__init__(number, message)
+    self.folder = folder
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def storage_fault(error: BaseException) -> int | None:
+  """The errno of the storage fault behind `error`, or None for any other error: an
+  OSError in its chain of causes, or the OS error tensorstore quotes in the errors that
+  orbax raises ("... No space left on device [os_error_code='28']")."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _STORAGE_FAULTS:
+      return error.errno
+    text = str(error)
+    quoted = re.search(r"os_error_code='?(\d+)", text)
+    if quoted and int(quoted[1]) in _STORAGE_FAULTS:
+      return int(quoted[1])
+    for number in _STORAGE_FAULTS:
+      if os.strerror(number) in text:
+        return number
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def storage_faults_named(folder: str | os.PathLike, what: str, then: str) -> Iterator[None]:
+  """Runs a write of `what` into `folder`; when it fails because of the storage, raises
+  StorageError: "FOLDER: cannot write WHAT: CAUSE; DO THIS, then THEN".
+
+  File descriptor 2 is held in memory meanwhile (replayed when the write succeeds): when
+  orbax's write fails, each of its writes still under way reports into an event loop
+  already closed, from tensorstore's threads, in hundreds of tracebacks that would bury
+  the cause. They are dropped, once they have stopped coming."""
+  held = _HeldStderr()
+  try:
+    with held:
+      try:
+        yield
+      except BaseException:
+        held.settle()
+        raise
+  except Exception as error:  # pylint: disable=broad-except
+    number = storage_fault(error)
+    if number is None:
+      raise
+    cause, remedy = _STORAGE_FAULTS[number]
+    folder = pathlib.Path(folder)
+    raise StorageError(number, folder, f"{folder}: cannot write {what}: {cause}; {remedy}, "
+                                       f"then {then}") from None
+
+
+class _HeldStderr:
+  """File descriptor 2 read into memory by a thread while the block runs, written out
+  after it when the block succeeds and dropped when it fails (`settle` first waits for the
+  writers to fall quiet). A pipe, not a file: the disk may be the one that is full."""
+
+  def __init__(self):
+    self._chunks: list[bytes] = []
+    self._last = time.monotonic()
+
+  def __enter__(self) -> "_HeldStderr":
+    sys.stderr.flush()
+    self._saved = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    self._reader = threading.Thread(target=self._read, args=(read,), daemon=True,
+                                    name="held-stderr")
+    self._reader.start()
+    return self
+
+  def _read(self, fd: int) -> None:
+    while chunk := os.read(fd, 1 << 16):
+      self._chunks.append(chunk)
+      self._last = time.monotonic()
+    os.close(fd)
+
+  def settle(self, quiet: float = 1.0, limit: float = 30.0) -> None:
+    """Waits until nothing has been written for `quiet` seconds (`limit` at most)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and time.monotonic() - self._last < quiet:
+      time.sleep(0.05)
+
+  def __exit__(self, kind, value, traceback) -> None:
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)  # the pipe's last writer: the reader sees its end
+    os.close(self._saved)
+    self._reader.join(timeout=5)
+    if kind is None and self._chunks:
+      with open(2, "wb", closefd=False) as stderr:
+        stderr.write(b"".join(self._chunks))
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -47,18 +165,54 @@ def _process_local_checkpointer() -> ocp.StandardCheckpointer:
       primary_host=index, active_processes={index}))
 
 
+# What a training run that stopped on a failed write does next.
+RESUME = ("rerun the same command: it resumes from the last complete checkpoint, which the "
+          "failed write left as it was")
+
+
+def save_training_checkpoint(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite,
+                             metrics: dict[str, float] | None = None) -> None:
+  """`manager.save(step, args=args, metrics=metrics)`, waited for. Collective.
+
+  Waiting makes a save that fails stop the run at its own step (orbax's background write
+  would raise only at a later save, steps on). A write that fails because of the storage
+  raises StorageError, one line naming the folder and the cause, and what is left of the
+  step's partial folder is removed (by a single process: in a multi-host run the others may
+  still be writing into it); the checkpoints before it are untouched.
+  """
+  folder = pathlib.Path(manager.directory)
+  try:
+    with storage_faults_named(folder, f"the checkpoint of step {step}", RESUME):
+      manager.save(step, args=args, metrics=metrics)
+      manager.wait_until_finished()
+  except StorageError:
+    if jax.process_count() == 1:
+      for partial in folder.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    raise
+
+
 def save_model_checkpoint(directory: str | os.PathLike, variables: dict[str, Any],
-                          model_config: dict[str, Any], *, force: bool = False) -> pathlib.Path:
+                          model_config: dict[str, Any], *, force: bool = False,
+                          then: str = "write it again") -> pathlib.Path:
   """Writes variables + model.json to `directory`, atomically.
 
   Everything is written to a temporary sibling folder first and renamed into place, so a
   failure never leaves a half-written checkpoint. A non-empty `directory` is refused unless
-  `force` is true (then it is replaced). In a multi-host run only one process calls it.
+  `force` is true (then it is replaced). A write that fails because of the storage (full,
+  read-only) raises StorageError, one line ending in what to do `then`. In a multi-host run
+  only one process calls it.
   """
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not force:
     raise FileExistsError(f"{directory} exists and is not empty; pass force=True (--force) "
                           f"to replace it")
+  with storage_faults_named(directory, "the model checkpoint", then):
+    return _save_model_checkpoint(directory, variables, model_config)
+
+
+def _save_model_checkpoint(directory: pathlib.Path, variables: dict[str, Any],
+                           model_config: dict[str, Any]) -> pathlib.Path:
   directory.parent.mkdir(parents=True, exist_ok=True)
   # Made as mkdir makes folders, 0777 less the umask (mkdtemp's are 0700 whatever the
   # umask), so the checkpoint renamed from it is as readable as the user's other files.
@@ -161,32 +315,15 @@ def _check_variables(model: models.MattingNet, variables: dict[str, Any],
 def _restore_quietly(path: pathlib.Path) -> dict[str, Any]:
   """The variables at `path`. When the restore fails, tensorstore's reads still under way
   report into orbax's closed event loop from their threads, printing tracebacks on
-  stderr after the error (and after any message about it): file descriptor 2 is held in a
-  temporary file while restoring, replayed on success and dropped, once those reads have
-  ended, on failure."""
-  import sys
-  import time
-
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
+  stderr after the error (and after any message about it): file descriptor 2 is held
+  while restoring, replayed on success and dropped, once those reads have ended, on
+  failure."""
+  with _HeldStderr() as held:
     try:
-      checkpointer = _process_local_checkpointer()
-      try:
-        return checkpointer.restore(path)
-      except BaseException:
-        time.sleep(0.5)  # the other reads end (and report) here
-        held.truncate(0)
-        raise
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      held.seek(0)
-      replay = held.read()
-      if replay:
-        os.write(2, replay)
+      return _process_local_checkpointer().restore(path)
+    except BaseException:
+      held.settle(quiet=0.5)  # the other reads end (and report) here
+      raise
 
 
 def migrate_from_version_1(model_config: dict[str, Any], variables: dict[str, Any]

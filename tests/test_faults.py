@@ -1,10 +1,11 @@
 """The second sweep of bad inputs and faults: nothing lost, nothing hangs, nothing silently
-wrong (issue 26). CLI cases run as subprocesses: exit status, one `error:` line, no
+wrong (issues 26 and 33). CLI cases run as subprocesses: exit status, one `error:` line, no
 traceback, and nothing lost on disk."""
 
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -672,3 +673,274 @@ def test_a_workdir_given_as_the_checkpoint_names_its_model_folders(converted_che
   with pytest.raises(FileNotFoundError, match=r"is not a model checkpoint: .*\(a train.py "
                                               r"workdir: give .*/model\)"):
     checkpointing.load_model_checkpoint(tmp_path)
+
+
+# ------------------------------------------------- resuming with another config (issue 33)
+
+
+def _smoke_config(**changes):
+  from configs import smoke
+
+  config = smoke.get_config()
+  for name, value in changes.items():
+    node = config
+    *groups, field = name.split(".")
+    for group in groups:
+      node = node[group]
+    node[field] = value
+  return config
+
+
+def _resumable_workdir(folder: pathlib.Path) -> pathlib.Path:
+  """A workdir as a run of the smoke config leaves it: its config.json and a checkpoint."""
+  folder.mkdir(exist_ok=True)
+  workdir_lib.claim(folder, lead=True, config=_smoke_config())
+  workdir_lib.release(folder)
+  (folder / "checkpoints" / "5").mkdir(parents=True)
+  return folder
+
+
+def test_resuming_with_another_crop_size_is_refused_and_config_json_kept(tmp_path):
+  workdir = _resumable_workdir(tmp_path / "run")
+  before = _snapshot(workdir)
+  process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(workdir),
+                 "--config.crop_size=32")
+  _one_clear_line(process, f"--workdir {workdir}: resuming with a config that changes what "
+                           f"its steps compute (config.crop_size: 64 there, 32 here, as "
+                           f"config.json records the run)")
+  assert "Rerun with the recorded values, or use another --workdir" in process.stderr
+  assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("name,value", [
+    ("batch_size", 8), ("seed", 1), ("learning_rate", 0.5), ("dtype", "bfloat16"),
+    ("steps_per_epoch", 3), ("decay_epochs", (1,)), ("data.options.num_foregrounds", 2),
+    ("model.resampler_options.share", False), ("model.dropout_rate", 0.0),
+    ("validation.sad_rule", "matlab"), ("init.torchvision_resnet34", "/w.pth"),
+])
+def test_a_resume_refuses_every_field_that_changes_what_its_steps_computed(name, value,
+                                                                             tmp_path):
+  workdir = _resumable_workdir(tmp_path)
+  recorded = (workdir / workdir_lib.CONFIG_FILE).read_bytes()
+  with pytest.raises(ValueError, match=rf"\(config\.{re.escape(name)}: .* there, .* here, as "
+                                       rf"config.json records the run\)"):
+    workdir_lib.claim(workdir, lead=True, config=_smoke_config(**{name: value}))
+  assert (workdir / workdir_lib.CONFIG_FILE).read_bytes() == recorded
+  workdir_lib.claim(workdir, lead=True)  # the refusal took no lock
+  workdir_lib.release(workdir)
+
+
+def test_a_resume_may_change_how_far_it_goes_and_what_it_logs(tmp_path):
+  workdir = _resumable_workdir(tmp_path)
+  changed = {"num_train_steps": 40, "num_epochs": 3, "log_every": 7, "checkpoint_every": 9,
+             "keep_checkpoints": 1, "eval_every": 0, "image_summary_every": 0,
+             "validation.batch_size": 4, "compilation_cache_dir": "/cache", "distributed": True}
+  assert set(changed) == workdir_lib.RESUMABLE_FIELDS
+  workdir_lib.claim(workdir, lead=True, config=_smoke_config(**changed))
+  workdir_lib.release(workdir)
+  recorded = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())
+  assert recorded["num_train_steps"] == 40 and recorded["validation"]["batch_size"] == 4
+  # A run without a checkpoint starts over: its config.json is replaced.
+  (workdir / "checkpoints" / "5").rmdir()
+  workdir_lib.claim(workdir, lead=True, config=_smoke_config(crop_size=32))
+  workdir_lib.release(workdir)
+  assert json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())["crop_size"] == 32
+  assert not list(workdir.glob(".config.json.*"))  # written whole, through a staging file
+
+
+def test_a_torn_config_json_is_named_not_overwritten(tmp_path):
+  workdir = _resumable_workdir(tmp_path)
+  (workdir / workdir_lib.CONFIG_FILE).write_text('{"batch_size": 4, "crop')
+  with pytest.raises(ValueError, match=r"config.json: not valid JSON, so what this run's "
+                                       r"checkpoints were trained with is unknown"):
+    workdir_lib.claim(workdir, lead=True, config=_smoke_config())
+  assert (workdir / workdir_lib.CONFIG_FILE).read_text() == '{"batch_size": 4, "crop'
+
+
+# ------------------------------------------- storage faults during training (issue 33)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A factory of tmpfs folders of a given size (a real disk to fill up), unmounted after
+  the test; skips where this process cannot mount (mounting needs root)."""
+  mounted = []
+
+  def mount(size: str) -> pathlib.Path:
+    folder = tmp_path / f"disk{len(mounted)}"
+    folder.mkdir()
+    if os.geteuid() != 0:
+      pytest.skip("a full disk is simulated with a small tmpfs, and mounting one needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                             str(folder)], capture_output=True, text=True, check=False)
+    if result.returncode:
+      pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); a full disk is "
+                  f"simulated with one")
+    mounted.append(folder)
+    return folder
+
+  yield mount
+  for folder in mounted:
+    subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def _fill(folder: pathlib.Path, leave: int) -> pathlib.Path:
+  """Fills `folder`'s file system until `leave` bytes are free; returns the filler."""
+  stat = os.statvfs(folder)
+  filler = folder / "filler"
+  with filler.open("wb") as f:
+    remaining = stat.f_bavail * stat.f_frsize - leave
+    while remaining > 0:
+      remaining -= f.write(bytes(min(remaining, 1 << 24)))
+  return filler
+
+
+def test_a_storage_fault_behind_orbax_or_os_errors_is_recognised():
+  import errno
+
+  from a2u_jax import checkpointing
+
+  orbax_says = ValueError('RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: '
+                          'Failed to write 68288512 bytes to file 6: No space left on device '
+                          "[os_error_code='28']")
+  assert checkpointing.storage_fault(orbax_says) == errno.ENOSPC
+  try:
+    try:
+      raise PermissionError(errno.EACCES, "Permission denied", "/w/checkpoints/2.tmp")
+    except PermissionError as cause:
+      raise RuntimeError("save failed") from cause
+  except RuntimeError as chained:
+    assert checkpointing.storage_fault(chained) == errno.EACCES
+  assert checkpointing.storage_fault(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
+  assert checkpointing.storage_fault(ValueError("Disk quota exceeded")) == errno.EDQUOT
+  assert checkpointing.storage_fault(FileNotFoundError(errno.ENOENT, "gone")) is None
+  assert checkpointing.storage_fault(ValueError("shapes do not match")) is None
+
+
+def test_a_full_disk_under_a_training_checkpoint_is_one_line_and_keeps_the_last(small_disk,
+                                                                                capfd):
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from a2u_jax import checkpointing
+
+  folder = small_disk("2m") / "checkpoints"
+  manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=True))
+
+  def save(step, size):  # random values: orbax compresses its files
+    weights = np.random.default_rng(step).random(size, np.float32)
+    checkpointing.save_training_checkpoint(manager, step, ocp.args.Composite(
+        state=ocp.args.StandardSave({"w": weights}), data=ocp.args.JsonSave({"step": step})))
+    return weights
+
+  first = save(1, 1000)
+  with pytest.raises(checkpointing.StorageError) as raised:
+    save(2, 4_000_000)  # 16 MB
+  assert str(raised.value) == (
+      f"{folder}: cannot write the checkpoint of step 2: no space left on the device; free "
+      f"space there, then {checkpointing.RESUME}")
+  err = capfd.readouterr().err
+  assert "Traceback" not in err and "No space left" not in err, err[-2000:]
+  assert sorted(p.name for p in folder.iterdir()) == ["1"]  # the partial step 2 removed
+  restored = ocp.CheckpointManager(folder).restore(1, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  np.testing.assert_array_equal(restored["state"]["w"], first)
+
+
+def test_a_full_disk_under_a_model_checkpoint_is_one_line_and_leaves_nothing(small_disk,
+                                                                             capfd):
+  import numpy as np
+
+  from a2u_jax import checkpointing
+
+  disk = small_disk("2m")
+  with pytest.raises(checkpointing.StorageError, match=rf"^{disk / 'model'}: cannot write the "
+                                                       rf"model checkpoint: no space left on "
+                                                       rf"the device; free space there, then "
+                                                       rf"write it again$"):
+    checkpointing.save_model_checkpoint(disk / "model",
+                                        {"params": {"w": np.random.default_rng(0).random(
+                                            4_000_000, np.float32)}},
+                                        {"resampler": "a2u"})
+  assert "Traceback" not in capfd.readouterr().err
+  assert list(disk.iterdir()) == []  # no staging folder, no half-written model/
+
+
+def _training(workdir: pathlib.Path, *extra: str, prefix=()) -> list[str]:
+  return [*prefix, sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+          str(workdir), "--config.crop_size=32", "--config.num_train_steps=3",
+          "--config.checkpoint_every=1", "--config.eval_every=0",
+          "--config.image_summary_every=0", *extra]
+
+
+def _stopped_after_checkpoint_1(command: list[str]) -> subprocess.Popen:
+  """train.py started with `command`, stopped (SIGSTOP) once its checkpoint of step 1 is
+  complete: before the checkpoint of step 2."""
+  workdir = pathlib.Path(command[command.index("--workdir") + 1])
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  complete = workdir / "checkpoints" / "1" / "_CHECKPOINT_METADATA"
+  deadline = time.monotonic() + 600
+  while not complete.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGSTOP)
+  assert complete.exists(), process.communicate()[1][-2000:]
+  return process
+
+
+def _finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+  process.send_signal(signal.SIGCONT)
+  out, err = process.communicate(timeout=300)
+  return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.slow  # trains two steps, then one on resuming (~2-4 minutes on two cores)
+def test_a_disk_filling_up_stops_training_at_the_failed_save_in_one_line(small_disk):
+  workdir = small_disk("400m") / "run"
+  process = _stopped_after_checkpoint_1(_training(workdir))
+  # A little room: the step's metrics still fit, its checkpoint (~100 MB) does not.
+  filler = _fill(workdir.parent, leave=1 << 20)
+  failed = _finished(process)
+  _one_clear_line(failed, f"error: {workdir / 'checkpoints'}: cannot write the checkpoint of "
+                          f"step 2: no space left on the device; free space there, then rerun "
+                          f"the same command: it resumes from the last complete checkpoint")
+  assert "No space left" not in failed.stderr  # orbax's own errors are not printed
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2]  # it stopped at the failed save, not steps later
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+  filler.unlink()
+  resumed = subprocess.run(_training(workdir), cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from step 1" in resumed.stderr
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3] and (workdir / "model" / "model.json").exists()
+
+
+@pytest.mark.slow  # trains two steps, then one on resuming (~2-4 minutes on two cores)
+def test_a_workdir_made_read_only_stops_training_at_the_failed_save_in_one_line(tmp_path):
+  import shutil
+
+  prefix = ()
+  if os.geteuid() == 0:  # root writes through any mode: run without that capability
+    if shutil.which("setpriv") is None:
+      pytest.skip("as root, a read-only workdir needs setpriv (util-linux) to drop "
+                  "CAP_DAC_OVERRIDE")
+    prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--")
+  workdir = tmp_path / "run"
+  # No metrics before the last step: the checkpoint of step 2 is the next write.
+  command = _training(workdir, "--config.log_every=100", prefix=prefix)
+  process = _stopped_after_checkpoint_1(command)
+  subprocess.run(["chmod", "-R", "a-w", str(workdir)], check=True)
+  try:
+    failed = _finished(process)
+  finally:
+    subprocess.run(["chmod", "-R", "u+w", str(workdir)], check=True)
+  _one_clear_line(failed, f"error: {workdir / 'checkpoints'}: cannot write the checkpoint of "
+                          f"step 2: permission denied; give this user write permission there, "
+                          f"then rerun the same command")
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+  resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from step 1" in resumed.stderr
+  assert (workdir / "model" / "model.json").exists()

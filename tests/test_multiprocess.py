@@ -224,3 +224,69 @@ def test_train_py_refuses_incomplete_cluster_flags(tmp_path):
   assert process.returncode != 0
   assert "go together" in process.stderr
   assert not (tmp_path / "run").exists()
+
+
+# A process of a cluster that gathers a number every 0.1 s until it is stopped; JAX's own
+# heartbeat timeout is a minute, so only the peer watch can end the others sooner.
+_GATHERING = """
+import sys, time
+import numpy as np
+from a2u_jax import distributed
+distributed.initialize(coordinator_address=sys.argv[1], num_processes=int(sys.argv[2]),
+                       process_id=int(sys.argv[3]), timeout=240, heartbeat_timeout=60)
+print("up", flush=True)
+while True:
+  try:
+    distributed.allgather(np.array([1]))
+  except Exception as error:
+    distributed.wait_for_lost_process(error)
+    raise
+  time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("count,lost", [(2, 1), (3, 1), (3, 0)])
+def test_a_killed_process_is_named_by_every_other_at_once(count, lost):
+  address = f"localhost:{_free_port()}"
+  processes = [_start(["-c", _GATHERING, address, str(count), str(i)]) for i in range(count)]
+  try:
+    for process in processes:
+      assert process.stdout.readline().strip() == "up", process.communicate()[1][-2000:]
+    time.sleep(1)
+    processes[lost].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    for index, process in enumerate(processes):
+      if index == lost:
+        continue
+      _, err = process.communicate(timeout=60)
+      assert time.monotonic() - killed < 30  # not JAX's heartbeat timeout (60 s here)
+      assert process.returncode == 1 and "Traceback" not in err, err[-2000:]
+      assert err.strip().splitlines()[-1].startswith(
+          f"error: process {index} of {count}: process {lost}"
+          f"{' (the coordinator)' if lost == 0 else ''} stopped responding"), err[-2000:]
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+
+
+@pytest.mark.slow  # two train.py processes compile the network (~3-5 minutes on two cores)
+def test_a_training_process_killed_mid_run_is_named_by_the_other_in_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  processes = _start_processes([*_train_args(workdir, tmp_path / "xla_cache"),
+                                "--config.num_train_steps=1000", "--config.eval_every=0"])
+  deadline = time.monotonic() + 900
+  while (not (workdir / "checkpoints" / "2").exists() and time.monotonic() < deadline
+         and all(p.poll() is None for p in processes)):
+    time.sleep(0.1)
+  assert (workdir / "checkpoints" / "2").exists(), processes[0].communicate()[1][-2000:]
+  processes[1].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  _, err = processes[0].communicate(timeout=120)
+  processes[1].wait()
+  assert time.monotonic() - killed < 30  # JAX alone took ~85 s, then aborted
+  assert processes[0].returncode == 1 and "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith(
+      "error: process 0 of 2: process 1 stopped responding (it was killed, crashed or lost "
+      "its connection"), err[-3000:]
+  assert "2" in [p.name for p in (workdir / "checkpoints").iterdir()]  # kept, to resume from
