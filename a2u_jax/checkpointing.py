@@ -125,7 +125,11 @@ class _HeldStderr:
 
   def __enter__(self) -> "_HeldStderr":
     sys.stderr.flush()
-    self._saved = os.dup(2)
+    try:
+      self._saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing to hold
+      self._saved = None
+      return self
     read, write = os.pipe()
     os.dup2(write, 2)
     os.close(write)
@@ -147,6 +151,8 @@ class _HeldStderr:
       time.sleep(0.05)
 
   def __exit__(self, kind, value, traceback) -> None:
+    if self._saved is None:
+      return
     sys.stderr.flush()
     os.dup2(self._saved, 2)  # the pipe's last writer: the reader sees its end
     os.close(self._saved)
