@@ -48,9 +48,9 @@ def save(manager: ocp.CheckpointManager, state: state_lib.TrainState,
   batch size, checked on restore); `metrics` are what a best_fn manager chooses by."""
   step = int(state.step)
   position = {"step": step, "seed": int(config.seed), "batch_size": int(config.batch_size)}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)),
-      metrics=metrics)
+  # Waited for: a failed write stops the run at this step, in one line (StorageError).
+  checkpointing.save_training_checkpoint(manager, step, ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)), metrics)
 
 
 def restore(manager: ocp.CheckpointManager, state: state_lib.TrainState,
@@ -105,7 +105,7 @@ def save_model(directory: pathlib.Path, state: state_lib.TrainState,
   """A model checkpoint (checkpointing.load_model_checkpoint) of `state` in `directory`."""
   checkpointing.save_model_checkpoint(
       directory, {"params": state.params, "batch_stats": state.batch_stats},
-      state_lib.model_options(config), force=True)
+      state_lib.model_options(config), force=True, then=checkpointing.RESUME)
 
 
 def truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -150,8 +150,10 @@ class Logger:
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
+    with checkpointing.storage_faults_named(self.path, f"step {step}'s metrics",
+                                            checkpointing.RESUME):
+      with self.path.open("a") as f:
+        f.write(json.dumps({"step": step, **values}) + "\n")
     if self.writer is None:
       return
     with self.writer.as_default(step=step):

@@ -224,9 +224,8 @@ def _start(config: ml_collections.ConfigDict, workdir: pathlib.Path
     raise ValueError(f"--workdir {workdir}: exists and is not a folder")
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead()
-  workdir_lib.claim(workdir, lead=lead)  # before anything is written there
-  if lead:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  # Before anything is written there; writes config.json once the run is accepted.
+  workdir_lib.claim(workdir, lead=lead, config=config)
   runtime = parallel.DataParallel()
   total_steps = config_checks.num_train_steps(config)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
