@@ -359,12 +359,18 @@ def test_resuming_another_networks_training_state_says_so(tmp_path):
     config.data.options.update(num_foregrounds=2, num_backgrounds=2, min_size=40, max_size=48)
     return config
 
-  loop.train_and_evaluate(config("baseline", 1), tmp_path / "run", progress=False)
-  # pixel_shuffle adds down0..down3 and up0..up3, as A2U's format-2 modules differ from
-  # format 1's gen0..gen3.
+  run = tmp_path / "run"
+  loop.train_and_evaluate(config("baseline", 1), run, progress=False)
+  # The workdir's config.json records the network: the config says so first.
+  with pytest.raises(ValueError,
+                     match=r"steps compute \(config\.model\.resampler: \"baseline\""):
+    loop.train_and_evaluate(config("pixel_shuffle", 2), run, progress=False)
+  # Without it (a workdir of an earlier version), the checkpoint does. pixel_shuffle adds
+  # down0..down3 and up0..up3, as A2U's format-2 modules differ from format 1's gen0..gen3.
+  (run / "config.json").unlink()
   with pytest.raises(ValueError, match="checkpoint at step 1 is the training state of "
                                        "another network .*down0.*another --workdir"):
-    loop.train_and_evaluate(config("pixel_shuffle", 2), tmp_path / "run", progress=False)
+    loop.train_and_evaluate(config("pixel_shuffle", 2), run, progress=False)
 
 
 # ------------------------------------------------------- train.py, end to end
