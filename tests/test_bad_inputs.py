@@ -79,6 +79,7 @@ def test_alpha_channels_are_reported_and_undefined_ranges_refused(tmp_path):
     files.read_image(tmp_path / "junk.png", "grey")
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_reads_sixteen_bit_inputs_and_says_once_that_alpha_is_ignored(
     converted_checkpoint, tmp_path, capsys):
   image, trimap = _scene()
@@ -110,6 +111,7 @@ def test_predict_reads_sixteen_bit_inputs_and_says_once_that_alpha_is_ignored(
   assert (outputs[eight][trimap == 255] == 255).all()  # the 16-bit trimap's 255 is known
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_and_evaluate_refuse_an_out_that_is_a_file(converted_checkpoint, tmp_path):
   image, trimap = _scene()
   Image.fromarray(image).save(tmp_path / "image.png")
@@ -130,6 +132,7 @@ def test_predict_and_evaluate_refuse_an_out_that_is_a_file(converted_checkpoint,
     (["--count", "0"], "--count must be >= 1, got 0"),
     (["--batch-per-device", "0"], "--batch-per-device must be >= 1, got 0"),
 ])
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_evaluate_refuses_empty_runs(argv, message, converted_checkpoint, tmp_path):
   _one_clear_line(_cli("-m", "a2u_jax.evaluate", "--checkpoint", str(converted_checkpoint),
                        "--data", "synthetic", "--out", str(tmp_path / "out"), *argv), message)
@@ -164,6 +167,7 @@ def test_evaluate_scores_the_images_that_have_an_alpha_and_lists_the_rest(
     ("empty.npz", b"", "empty.npz: not a readable .npz archive"),
     ("garbage.npz", b"PK\x03\x04 not really a zip", "garbage.npz: not a readable .npz archive"),
 ])
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_convert_names_missing_and_unreadable_files(name, contents, message, tmp_path):
   if contents is not None:
     (tmp_path / name).write_bytes(contents)

@@ -169,6 +169,7 @@ def test_core_modules_import_and_run_without_tensorflow(without_tensorflow):
     assert "pip install 'a2u-jax[train]'" in message
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_convert_a_pth_export_and_predict_without_torch_or_tensorflow(without_tensorflow,
                                                                        tmp_path):
   from tests import pth_writer

@@ -43,6 +43,7 @@ def _rows(out):
     return {row["name"]: row for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_evaluate_writes_alphas_and_metrics_with_one_compilation_per_bucket(
     photo_folder, model_and_variables, tmp_path):
   model, variables = model_and_variables
@@ -81,6 +82,7 @@ def test_evaluate_writes_alphas_and_metrics_with_one_compilation_per_bucket(
                                                          abs=1e-6)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_resume_scores_only_what_is_missing(photo_folder, model_and_variables, tmp_path):
   model, variables = model_and_variables
   items = data_pipeline.folder_items(photo_folder)
@@ -167,6 +169,7 @@ def test_predict_cli_matches_evaluate_and_writes_previews(converted_checkpoint, 
       "image.png", "image_alpha.png", "image_preview.png", "trimap.png"]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_cli_refuses_bad_inputs(converted_checkpoint, photo_folder, tmp_path):
   image = photo_folder / "image" / "photo01.png"
   trimap = np.asarray(Image.open(photo_folder / "trimap" / "photo01.png"))

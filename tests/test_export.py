@@ -33,6 +33,7 @@ def _pytorch_bins(size, bins):
   return matrix
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_adaptive_pooling_traces_with_symbolic_sizes():
   # What lets the network export with a symbolic height and width: ops builds the
   # averaging matrices from traced sizes, and, traced symbolically, they are exactly the
@@ -71,6 +72,7 @@ def exported(converted_checkpoint, tmp_path_factory):
   return checkpoint, folder / "a2u.jaxexport"
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_the_description_says_how_to_call_it_and_where_it_came_from(exported):
   checkpoint, artifact = exported
   description = json.loads(export.description_path(artifact).read_text())
@@ -203,6 +205,7 @@ def test_the_artifact_gives_predicts_alphas_in_a_process_without_the_model_code(
         _assert_same_alpha(row, expected[index], trimap)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_runs_the_artifact_with_exported(exported, tmp_path):
   checkpoint, artifact = exported
   rng = np.random.default_rng(0)

@@ -37,6 +37,7 @@ def _hold_lock(workdir: pathlib.Path) -> subprocess.Popen:
   return holder
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_first(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -66,6 +67,7 @@ def test_the_lock_is_per_process_and_released(tmp_path):
     holder.wait()
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 @pytest.mark.parametrize("results", [("metrics.jsonl",), ("model",), ("best_model", "best")])
 def test_a_workdir_with_results_but_no_checkpoints_is_refused(results, tmp_path):
   workdir = tmp_path / "run"
@@ -144,6 +146,7 @@ def test_an_incomplete_checkpoint_is_named(tmp_path):
     (["--config.image_summary_every=-3"], "config.image_summary_every must be an integer"),
     (["--config.eval_every=-2"], "config.eval_every must be >= 0"),
 ])
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_every_field_is_checked_at_start_up(args, message, tmp_path):
   argv = ["--config", "configs/smoke.py", *args]
   if not any(arg.startswith("--workdir") for arg in args):
@@ -163,6 +166,7 @@ def test_a_config_file_that_fails_says_why_in_one_line(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_the_resnet_init_names_a_file_that_is_not_a_checkpoint(tmp_path):
   (tmp_path / "resnet34.pth").write_text("not weights\n")
   process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"),
@@ -226,6 +230,7 @@ def _cluster(port: int, count: int, index: int, timeout: str = "4") -> list[str]
           "--distributed_timeout", timeout]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_a_missing_peer_or_coordinator_times_out_in_one_line(tmp_path):
   from tests.test_multiprocess import _free_port
 
@@ -256,6 +261,7 @@ def test_different_num_processes_are_refused_on_every_process(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 @pytest.mark.parametrize("address", ["localhost:abc", "localhost:0", "localhost:70000", ":80"])
 def test_a_bad_coordinator_port_is_refused(address, tmp_path):
   process = _cli("train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
@@ -307,6 +313,7 @@ def _predict_cli(checkpoint, image, trimap, out, *extra):
               "--trimap", str(trimap), "--out", str(out), *extra)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_refuses_two_images_or_trimaps_of_one_name(converted_checkpoint, tmp_path):
   _write_scene(tmp_path, "a", ".png")
   _write_scene(tmp_path, "a", ".jpg")
@@ -332,6 +339,7 @@ def test_predict_does_not_take_its_own_outputs_as_inputs(tmp_path):
       (tmp_path / "image" / "a.png", tmp_path / "trimap" / "a.png")]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_refuses_a_colour_trimap_even_with_round_trimap(converted_checkpoint, tmp_path):
   import numpy as np
   from PIL import Image
@@ -348,6 +356,7 @@ def test_predict_refuses_a_colour_trimap_even_with_round_trimap(converted_checkp
   assert not any((tmp_path / "out").glob("*.png"))
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_and_evaluate_name_an_out_they_cannot_write(converted_checkpoint, tmp_path):
   _write_scene(tmp_path)
   out = pathlib.Path("/sys/a2u_jax_out")  # read-only, even for root
@@ -465,6 +474,7 @@ def test_a2u_layer_options_are_checked_where_the_layer_is_made(options, message)
         layer(**options)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_empty_batches_give_empty_outputs_or_name_the_axis():
   import jax
   import jax.numpy as jnp
@@ -562,6 +572,7 @@ def test_predict_and_evaluate_read_files_upright_by_their_exif_orientation(tmp_p
   np.testing.assert_array_equal(loaded_alpha, np.rot90(trimap, -1))
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_tensorboard_s_tensorflow_comes_without_its_banner():
   process = _cli("-c", "from a2u_jax.quiet_tensorflow import import_tensorflow; "
                        "import sys; print('warning kept', file=sys.stderr); "
@@ -571,6 +582,7 @@ def test_tensorboard_s_tensorflow_comes_without_its_banner():
   assert "absl::InitializeLog()" not in process.stderr and "warning kept" in process.stderr
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_a_second_evaluation_into_an_out_in_use_is_refused(converted_checkpoint, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
@@ -585,6 +597,7 @@ def test_a_second_evaluation_into_an_out_in_use_is_refused(converted_checkpoint,
     holder.wait()
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
   from tests.test_multiprocess import _env, _free_port
 
@@ -625,6 +638,7 @@ def test_evaluation_folders_refuse_two_files_of_one_name(tmp_path):
     ("a2u_jax.predict", ["--checkpoint", "x", "--image", "a.png", "--trimap", "b.png"]),
     ("a2u_jax.evaluate", ["--checkpoint", "x", "--data", "synthetic"]),
 ])
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_an_empty_out_is_refused_not_the_current_folder(module, args):
   process = _cli("-m", module, *args, "--out=")
   assert process.returncode == 2 and "Traceback" not in process.stderr

@@ -192,6 +192,7 @@ def test_packed_erosion_is_opencvs_for_every_kernel_size():
       assert 0 < expected.sum() < height * width
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_canvas_sides_bound_the_compilations():
   assert [jax_composition.canvas_side(n) for n in (1, 256, 257, 700, 4096, 4097)] == [
       256, 256, 384, 768, 4096, 5120]
@@ -219,6 +220,7 @@ def test_canvas_sides_bound_the_compilations():
   assert jax_composition._compose._cache_size() == before + 1
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_a_split_batch_is_composited_on_each_device_without_collectives():
   if jax.device_count() < 2:
     pytest.skip("needs several (fake) devices; conftest sets XLA_FLAGS for 4")
@@ -253,6 +255,7 @@ def _stream_batches(count, **kwargs):
 _SYNTHETIC = dict(num_foregrounds=3, num_backgrounds=4, min_size=80, max_size=140, seed=0)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_stream_makes_the_tf_data_streams_examples():
   import data_pipeline
 

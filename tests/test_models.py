@@ -66,6 +66,7 @@ def test_converted_reference_reproduces_authors_output_and_intermediates(matting
     assert rel_l2(ours, expected) <= 1e-4, f"{stage}: relative L2 {rel_l2(ours, expected)}"
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_unshare_checkpoint_converts_and_runs():
   state = random_torch_state_dict("unshare")
   assert convert.detect_model_config(state) == {"resampler": "a2u",
@@ -89,6 +90,7 @@ def test_conversion_reports_unknown_missing_and_misshaped_keys():
   assert "mis-shaped keys 1: pred.1.weight" in message
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_cli_round_trip_and_refusal_to_overwrite(tmp_path, matting_reference):
   source = tmp_path / "reference.npz"
   np.savez(source, **{f"state_dict/module.{k}": v
@@ -121,6 +123,7 @@ def test_cli_round_trip_through_a_pth_file(tmp_path):
                                 apply(convert.from_torch_state_dict(state), x))
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_checkpoints_of_the_first_layout_load_and_give_the_same_output(tmp_path):
   """Format 1 (before A2U went through make_resampler): A2U's options were model.json keys
   of their own and its generators top-level variables gen0..gen3."""
@@ -177,6 +180,7 @@ def test_cli_failure_leaves_nothing_behind(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["bad.npz"]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_torchvision_resnet34_initialises_the_encoder():
   rng = np.random.default_rng(0)
   model = models.a2u_matting()
@@ -204,6 +208,7 @@ def test_torchvision_resnet34_initialises_the_encoder():
                                 variables["params"]["down0"]["generator"]["mix_up"]["kernel"])
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_same_shape_compiles_once():
   model = models.baseline_matting()
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
@@ -270,6 +275,7 @@ def test_bad_network_input(shape, message):
     ("indexnet", {"down0", "down1", "down2", "down3"}),  # its downsampling hands the index
     ("a2u", {"down0", "down1", "down2", "down3"}),  # the paper's network: A2U's pairs
 ])
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_any_operator_of_the_family_drops_into_the_network(name, added):
   x = jax.ShapeDtypeStruct((1, 64, 96, 4), jnp.float32)
   model = models.MattingNet(resampler=name)

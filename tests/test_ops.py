@@ -151,6 +151,7 @@ def test_vmap_matches_batched_call(direction):
   chex.assert_trees_all_close(per_sample, fn(features, kernels), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_pmap_over_fake_devices(direction):
   # The CPU platform's devices: four fake ones (conftest) whatever the default backend is.

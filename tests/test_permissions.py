@@ -70,6 +70,7 @@ def _tiny_folder(root: pathlib.Path) -> pathlib.Path:
   return root
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predicted_mattes_and_evaluation_outputs_get_the_umasks_modes(
     umask, converted_checkpoint, tmp_path):
   data = _tiny_folder(tmp_path / "data")

@@ -7,6 +7,7 @@ from PIL import Image
 from a2u_jax import reconstruction_demo as demo
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_demo_writes_the_comparison_picture(tmp_path):
   scores = demo.run(tmp_path, size=16, steps=3)
   picture = np.asarray(Image.open(tmp_path / "a2u_demo.png"))

@@ -139,6 +139,7 @@ def test_bilinear_weights_of_a_dysample_position():
   np.testing.assert_allclose(weights, [[0.5625, 0.1875, 0.1875, 0.0625, 1, 0, 0, 0]])
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_readout_has_every_level_of_a2u_down_and_up_kernels(benchmark):
   model = benchmark.RecoverNet("a2u")
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 32, 32, 1)), jnp.float32)
@@ -180,6 +181,7 @@ def test_paper_protocol_command_prints_the_table_with_sharpness_columns(tmp_path
   assert sorted(p.name for p in tmp_path.iterdir()) == ["reconstruction.png", "results.json"]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_protocol_flags_are_checked():
   for args, message in ((["--protocol", "paper", "--steps", "3"], "--steps belongs to"),
                         (["--epochs", "2"], "--epochs belongs to"),

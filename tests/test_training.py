@@ -114,6 +114,7 @@ def single_device():
   return config, state, jax.jit(train_step), traces
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_train_step_reduces_the_loss_and_reports_learning_rates(single_device):
   _, state, step, traces = single_device
   batch = _batch(np.random.default_rng(0), 4)
@@ -147,6 +148,7 @@ def test_non_finite_loss_leaves_the_state_unchanged(single_device):
   chex.assert_trees_all_equal(new_state.params, state.params)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_two_devices_give_the_update_of_one_device_with_the_whole_batch(single_device):
   config, state, step, _ = single_device
   if jax.device_count() < 2:
