@@ -115,6 +115,7 @@ def test_resume_scores_only_what_is_missing(photo_folder, model_and_variables, t
     assert after[name] == before[name]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_evaluate_cli_on_the_shared_photographs(converted_checkpoint, photo_folder, tmp_path,
                                                 capsys):
   out = tmp_path / "cli"
@@ -141,6 +142,7 @@ def test_evaluate_cli_errors(argv, message, converted_checkpoint, tmp_path, caps
   assert message in str(error.value)
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_predict_cli_matches_evaluate_and_writes_previews(converted_checkpoint, photo_folder,
                                                           tmp_path):
   out = tmp_path / "pred"

@@ -147,6 +147,7 @@ def _fake_release(root, rng):
   return voc
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_composition1k_tfds_builder_end_to_end(tmp_path):
   rng = np.random.default_rng(0)
   manual = tmp_path / "manual"

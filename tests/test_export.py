@@ -91,6 +91,7 @@ def test_the_description_says_how_to_call_it_and_where_it_came_from(exported):
   assert [str(aval.dtype) for aval in loaded.in_avals] == ["float32", "uint8"]
 
 
+@pytest.mark.slow  # moved out of make test's five minutes (issue 34); make test-all runs it
 def test_the_artifact_refuses_sizes_that_are_not_multiples_of_16(exported):
   loaded, _ = export.load_exported(exported[1])
   with pytest.raises(ValueError, match="Division had remainder 8 when computing the value "

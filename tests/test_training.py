@@ -316,9 +316,10 @@ def test_every_config_file_loads_and_validates(tmp_path):
   assert reconstruction.get_config().image_size == 32
 
 
-# tf: TensorFlow's import and graph on top of the loop's compile, so in the slow set; the
-# tf.data batches themselves are test_data_pipeline.py's.
-@pytest.mark.parametrize("pipeline", [pytest.param("tf", marks=pytest.mark.slow), "jax"])
+# In the slow set (make test's five minutes, issue 34); the loop's run and resume also run
+# in the default set, in test_resuming_another_networks_training_state_says_so.
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["tf", "jax"])
 def test_train_and_evaluate_in_process_writes_checkpoints_the_model_and_metrics(
     tmp_path, pipeline):
   from a2u_jax import checkpointing
