@@ -447,9 +447,10 @@ def kernels_section(plan: Plan, deadline: float, train_rows: list[dict] = ()) ->
   """Section 6: the kernel tests, then XLA vs Pallas reassembly times, then the steps
   (the float32 A2U share and baseline rows of `train_rows` where the train section ran
   them at the same size)."""
-  measured = {"A2U share, XLA reassembly": "a2u_jax share", "baseline": "a2u_jax baseline"}
-  measured = {name: row for name, label in measured.items() for row in train_rows
-              if row.get("row") == label and "step_ms" in row}
+  train_labels = {"A2U share, XLA reassembly": "a2u_jax share",
+                  "baseline": "a2u_jax baseline"}
+  from_train = {name: row for name, label in train_labels.items() for row in train_rows
+                if row.get("row") == label and "step_ms" in row}
   tests = kernel_tests(max(60.0, deadline - time.perf_counter()))
   _progress(f"kernels: tests {tests['summary']}")
   rows = []
@@ -470,8 +471,8 @@ def kernels_section(plan: Plan, deadline: float, train_rows: list[dict] = ()) ->
   for name, args in (("A2U share, XLA reassembly", ("share", "slices")),
                      ("A2U share, Pallas reassembly", ("share", "pallas")),
                      ("baseline", ("baseline", "slices"))):
-    if name in measured:
-      steps[name] = measured[name]
+    if name in from_train:
+      steps[name] = from_train[name]
       continue
     if time.perf_counter() > deadline:
       steps[name] = {"skipped": "time budget spent"}

@@ -215,10 +215,21 @@ def train_section(folder: pathlib.Path, args, scratch: pathlib.Path) -> dict:
           "wall_s": time.perf_counter() - started}
 
 
+def sizes(quick: bool) -> tuple[int, int, float]:
+  """(batch, crop, image scale) of the full check or of the --quick one."""
+  return (2, 64, 0.25) if quick else (16, 512, 2.0)
+
+
+def train_batch(batch: int) -> int:
+  """train.py splits the batch over every device: `batch` rounded up to a multiple of
+  their count."""
+  return -(-batch // jax.device_count()) * jax.device_count()
+
+
 def device_rows(quick: bool, step_ms: float, host_threads: int = 4) -> dict:
   """Sections 0-2 at the full (or --quick) sizes: what device_check.py's pipeline
   section reports."""
-  batch, crop, scale = (2, 64, 0.25) if quick else (16, 512, 2.0)
+  batch, crop, scale = sizes(quick)
   with tempfile.TemporaryDirectory() as scratch:
     folder = pathlib.Path(scratch)
     data = make_folder(folder, scale, 13)
@@ -238,8 +249,8 @@ def train_rows(quick: bool) -> dict:
   """Section 3 as device_check.py's trainpy section runs it: 60 steps at 512x512 (the
   quick plan's 6 at 64x64) on the photographs enlarged 2x, a checkpoint every 20."""
   args = argparse.Namespace()
-  args.batch, args.crop, scale = (2, 64, 0.25) if quick else (16, 512, 2.0)
-  args.batch = -(-args.batch // jax.device_count()) * jax.device_count()
+  batch, args.crop, scale = sizes(quick)
+  args.batch = train_batch(batch)
   args.steps, args.checkpoint_every = (6, 2) if quick else (60, 20)
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)
@@ -270,10 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="the A2U training step to compare with (H200, 512x512, batch 16)")
   parser.add_argument("--host-threads", type=int, default=4)
   args = parser.parse_args(argv)
-  args.batch, args.crop, args.scale = (2, 64, 0.25) if args.quick else (16, 512, 2.0)
-  # train.py splits the batch over every device: round it up to a multiple of their count.
-  devices = jax.device_count()
-  args.batch = -(-args.batch // devices) * devices
+  batch, args.crop, args.scale = sizes(args.quick)
+  args.batch = train_batch(batch)
   args.steps, args.checkpoint_every = (6, 2) if args.quick else (300, 100)
   report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "batch": args.batch, "crop": args.crop}

@@ -22,6 +22,14 @@ def _run(*args: str) -> str:
   return result.stdout
 
 
+def _device_check_section(section: str, tmp_path: pathlib.Path) -> tuple[str, dict]:
+  """(printed tables, JSON report of `section`) of device_check.py --quick --sections."""
+  out_file = tmp_path / "device_check.json"
+  out = _run("benchmarks/device_check.py", "--quick", "--sections", section, "--out",
+             str(out_file))
+  return out, json.loads(out_file.read_text())[section]
+
+
 @pytest.mark.slow  # a subprocess timing eight implementations (benchmarks run in CI)
 def test_reassembly_benchmark_prints_its_table():
   out = _run("benchmarks/reassembly.py", "--quick", "--repeats", "1")
@@ -107,11 +115,8 @@ def test_device_check_peak_table_and_arguments():
 
 @pytest.mark.slow  # train.py twice at toy size, one killed and resumed (~2 min)
 def test_device_check_trainpy_section_resumes_to_the_same_losses(tmp_path):
-  out_file = tmp_path / "device_check.json"
-  out = _run("benchmarks/device_check.py", "--quick", "--sections", "trainpy", "--out",
-             str(out_file))
+  out, report = _device_check_section("trainpy", tmp_path)
   assert "## train.py on the JAX pipeline: SIGKILL and resume" in out
-  report = json.loads(out_file.read_text())["trainpy"]
   assert report["steps"] == 6 and report["killed_after_step"] < 6
   assert report["resumed_losses_equal"] and report["best_model"]
 
@@ -179,9 +184,6 @@ def test_pipeline_check_trains_resumes_and_validates(tmp_path):
 
 @pytest.mark.slow  # the device check's pipeline section at toy size (~1 min)
 def test_device_check_pipeline_section(tmp_path):
-  out_file = tmp_path / "device_check.json"
-  out = _run("benchmarks/device_check.py", "--quick", "--sections", "pipeline", "--out",
-             str(out_file))
+  out, report = _device_check_section("pipeline", tmp_path)
   assert "## JAX input pipeline" in out
-  report = json.loads(out_file.read_text())["pipeline"]
   assert report["augment"]["augment_ms"] > 0 and report["pipeline"]["samples_per_s"] > 0
