@@ -500,10 +500,17 @@ def _reassemble_bwd(direction, implementation, kernel_size, groups, residuals, c
 _reassemble.defvjp(_reassemble_fwd, _reassemble_bwd)
 
 
+# Jitted so that a call outside jit compiles one program per shape instead of dispatching
+# each of the K*K slices and products as a program of its own (tests/test_ops.py's eager
+# variants spent most of their time compiling those); inside a jitted caller it is a call
+# that XLA inlines.
+_reassemble_jitted = jax.jit(_reassemble, static_argnums=(0, 1, 2, 3))
+
+
 def _run(direction: str, features: jax.Array, kernels: jax.Array, kernel_size: int,
          groups: int, implementation: str) -> jax.Array:
-  return _reassemble(direction, implementation, int(kernel_size), int(groups), features,
-                     kernels)
+  return _reassemble_jitted(direction, implementation, int(kernel_size), int(groups),
+                            features, kernels)
 
 
 # ------------------------------------------------------------------------ public API
@@ -620,18 +627,9 @@ def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
-                         padding: int) -> jax.Array:
-  """Depthwise cross-correlation with a different kernel bank per sample.
-
-  x (N, H, W, C); kernels (N, k, k, C, M), or (N, k, k, 1, M) for banks shared by all
-  channels -> (N, H', W', C, M): output (c, m) is channel c correlated (PyTorch conv2d
-  semantics, zero padding) with kernels[n, :, :, c, m] (kernels[n, :, :, 0, m] if shared).
-
-  The forward is one fused sum of k*k strided slices (XLA:CPU runs grouped convolutions
-  with per-sample kernels several times slower); training keeps no per-tap residuals.
-  Half-precision inputs accumulate in float32; the result has their common dtype.
-  """
+def _per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
+                          padding: int) -> jax.Array:
+  # The forward of `per_sample_depthwise` (documented there).
   _, hh, ww, _ = x.shape
   k = kernels.shape[1]
   out_h = (hh + 2 * padding - k) // stride + 1
@@ -651,7 +649,7 @@ def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
 
 
 def _per_sample_depthwise_fwd(x, kernels, stride, padding):
-  return per_sample_depthwise(x, kernels, stride, padding), (x, kernels)
+  return _per_sample_depthwise(x, kernels, stride, padding), (x, kernels)
 
 
 def _per_sample_depthwise_bwd(stride, padding, residuals, cotangent):
@@ -719,4 +717,21 @@ def _per_sample_depthwise_grads(x, kernels, cotangent, stride, padding):
   return dx, dk
 
 
-per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)
+_per_sample_depthwise.defvjp(_per_sample_depthwise_fwd, _per_sample_depthwise_bwd)
+# Jitted for the reason `_reassemble_jitted` gives.
+_per_sample_depthwise_jitted = jax.jit(_per_sample_depthwise, static_argnums=(2, 3))
+
+
+def per_sample_depthwise(x: jax.Array, kernels: jax.Array, stride: int,
+                         padding: int) -> jax.Array:
+  """Depthwise cross-correlation with a different kernel bank per sample.
+
+  x (N, H, W, C); kernels (N, k, k, C, M), or (N, k, k, 1, M) for banks shared by all
+  channels -> (N, H', W', C, M): output (c, m) is channel c correlated (PyTorch conv2d
+  semantics, zero padding) with kernels[n, :, :, c, m] (kernels[n, :, :, 0, m] if shared).
+
+  The forward is one fused sum of k*k strided slices (XLA:CPU runs grouped convolutions
+  with per-sample kernels several times slower); training keeps no per-tap residuals.
+  Half-precision inputs accumulate in float32; the result has their common dtype.
+  """
+  return _per_sample_depthwise_jitted(x, kernels, int(stride), int(padding))
