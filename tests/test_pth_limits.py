@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from a2u_jax import convert, pth
-from tests import pth_writer as writer
+from tests import in_process, pth_writer as writer
 from tests.conftest import random_torch_state_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -406,10 +406,11 @@ def _convert_cases(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]
 
 
 def test_convert_refuses_what_is_not_a_state_dict_of_weights_in_one_line(tmp_path):
+  # In this process: test_convert_stays_in_bounded_memory runs the same refusal through
+  # a2u-convert's own process.
   for name, (path, message) in _convert_cases(tmp_path).items():
-    process = subprocess.run([sys.executable, "-m", "a2u_jax.convert", "--torch", str(path),
-                              "--out", str(tmp_path / f"{name}_out")], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300, check=False)
+    process = in_process.run_main(convert.main, "convert.py", [
+        "--torch", str(path), "--out", str(tmp_path / f"{name}_out")])
     lines = process.stderr.splitlines()
     assert process.returncode == 2 and len(lines) == 1, (name, process.stderr[-3000:])
     assert lines[0].startswith(f"convert.py: error: {path}: ") and message in lines[0], (
