@@ -3,9 +3,11 @@
 CLI cases check the exit status and that stderr ends in one clear line with no traceback.
 """
 
+import importlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 from PIL import Image
 
 from a2u_jax import evaluate, ops, predict, resamplers
+from a2u_jax.training import loop
 from data_pipeline import files
 from data_pipeline.files import SourceError
 
@@ -211,14 +214,9 @@ def test_every_operator_accepts_its_defaults():
     (["--config.batchsize=8"], "did you mean batch_size"),
     (["--config.data.optionz.root=x"], "config.data has no field 'optionz'; did you mean "
                                        "options?"),
-    (["--config.num_train_steps=-5"], "config.num_train_steps must be >= 0, or -1"),
     (["--config.batch_size=abc"], "--config.batch_size=abc"),
     (["--config", "configs/missing.py"], "--config: [Errno 2] No such file"),
-    (["--config", "configs/resampler.py:carafe", "--config.data.source=synthetic"],
-     "data source 'synthetic' does not take background_dir, root"),
-    (["--config.validation.source=nope"], "config.validation.source must be one of"),
-    (["--config", "configs/resampler.py:carafe,synthetic",
-      "--config.model.resampler_options.groups=0"], "`groups` must be a positive integer"),
+    # A value the config checks refuse (the others: test_config_values_are_refused_...).
     (["--config.data.pipeline=numpy"], "config.data.pipeline='numpy' was removed: use 'jax' "
                                        "(same synthetic source, no TensorFlow)"),
 ])
@@ -228,6 +226,29 @@ def test_train_config_errors_are_one_line(args, message, tmp_path):
   process = _cli("train.py", *args, "--workdir", str(tmp_path / "run"))
   _one_clear_line(process, message)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config_file,overrides,message", [
+    ("smoke", {"num_train_steps": -5}, "config.num_train_steps must be >= 0, or -1"),
+    ("resampler:carafe", {"data.source": "synthetic"},
+     "data source 'synthetic' does not take background_dir, root"),
+    ("smoke", {"validation.source": "nope"}, "config.validation.source must be one of"),
+    ("resampler:carafe,synthetic", {"model.resampler_options.groups": 0},
+     "`groups` must be a positive integer"),
+])
+def test_config_values_are_refused_before_training(config_file, overrides, message):
+  # train.py reports these as the pipeline=numpy case above: one line, nothing written.
+  name, _, argument = config_file.partition(":")
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config(argument) if argument else module.get_config()
+  for path, value in overrides.items():
+    *parents, field = path.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    loop.validate_config(config)
 
 
 def _training_folder(root: pathlib.Path, alpha_channels: int = 1) -> pathlib.Path:
