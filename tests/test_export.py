@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from a2u_jax import checkpointing, export, inputs, ops, predict
+from tests import in_process
 from tests.conftest import SHARED
 
 PHOTOS = SHARED / "data" / "alphamatting_lowres"
@@ -248,17 +249,21 @@ def _damaged(data: bytes, how: str) -> bytes:
   return data[:at] + bytes([data[at] ^ 0x08]) + data[at + 1:]
 
 
-def _predict_exported(artifact: pathlib.Path, tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
-  """a2u-predict --exported ARTIFACT on a 20x24 image, in a subprocess, into tmp_path/out."""
+def _predict_exported(artifact: pathlib.Path, tmp_path: pathlib.Path,
+                      own_process: bool = False) -> subprocess.CompletedProcess:
+  """a2u-predict --exported ARTIFACT on a 20x24 image into tmp_path/out: in this process
+  (`in_process`), or in its own where the refusal's exact stderr is under test."""
   trimap = np.full((20, 24), 128, np.uint8)
   trimap[:5] = 0
   Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "image.png")
   Image.fromarray(trimap).save(tmp_path / "trimap.png")
+  argv = ["--exported", str(artifact), "--image", str(tmp_path / "image.png"), "--trimap",
+          str(tmp_path / "trimap.png"), "--out", str(tmp_path / "out")]
+  if not own_process:
+    return in_process.run_main(predict.main, "predict.py", argv)
   return subprocess.run(
-      [sys.executable, "-m", "a2u_jax.predict", "--exported", str(artifact), "--image",
-       str(tmp_path / "image.png"), "--trimap", str(tmp_path / "trimap.png"), "--out",
-       str(tmp_path / "out")], cwd=pathlib.Path(__file__).parents[1], capture_output=True,
-      text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      [sys.executable, "-m", "a2u_jax.predict", *argv], cwd=pathlib.Path(__file__).parents[1],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def _assert_one_line_refusal(process: subprocess.CompletedProcess, start: str, end: str,
@@ -276,8 +281,10 @@ def test_a_damaged_artifact_with_a_remade_description_is_refused_in_one_line(
     exported, how, tmp_path):
   artifact = tmp_path / "damaged.jaxexport"
   _remake_description(artifact, _damaged(exported[1].read_bytes(), how), exported[1])
+  # Every refusal of this file goes through predict's one error line; the truncated
+  # artifact shows it in a2u-predict's own process.
   _assert_one_line_refusal(
-      _predict_exported(artifact, tmp_path),
+      _predict_exported(artifact, tmp_path, own_process=how == "truncated"),
       f"error: {artifact}: damaged, or written by a JAX this one ({jax.__version__}) cannot "
       f"run (", "); export the model again", tmp_path)
 
