@@ -28,12 +28,12 @@ def _take(source, count, **kwargs):
 
 
 def test_batches_keep_the_training_contract(source):
-  (batch,) = _take(source, 1, batch_size=3, seed=5)
+  (batch,) = _take(source, 1, batch_size=2, seed=1)  # compiled once with the next test
   for key in ("image", "fg", "bg"):
-    chex.assert_shape(batch[key], (3, CROP, CROP, 3))
+    chex.assert_shape(batch[key], (2, CROP, CROP, 3))
     chex.assert_type(batch[key], np.float32)
     assert 0.0 <= batch[key].min() and batch[key].max() <= 1.0
-  chex.assert_shape([batch["alpha"], batch["trimap"]], (3, CROP, CROP, 1))
+  chex.assert_shape([batch["alpha"], batch["trimap"]], (2, CROP, CROP, 1))
   chex.assert_type([batch["alpha"], batch["trimap"]], [np.float32, np.uint8])
   assert set(np.unique(batch["trimap"])) <= {0, 128, 255}
   assert (batch["trimap"] == 128).any()  # crops are centred on the unknown region
