@@ -78,9 +78,12 @@ def test_bfloat16_step_keeps_float32_state_and_loss_and_convolves_in_bfloat16():
   # Shapes and dtypes only: tracing the step says what it computes in, without compiling.
   state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key, model),
                          jax.random.PRNGKey(0))
-  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), next(_batches(config)))
-  jaxpr = jax.make_jaxpr(steps.train_step)(state, batch, jax.random.PRNGKey(1))
-  new_state, metrics = jax.eval_shape(steps.train_step, state, batch, jax.random.PRNGKey(1))
+  images = jax.ShapeDtypeStruct((2, config.crop_size, config.crop_size, 3), jnp.float32)
+  batch = {"image": images, "fg": images, "bg": images,  # the batch contract's types
+           "alpha": jax.ShapeDtypeStruct(images.shape[:3] + (1,), jnp.float32),
+           "trimap": jax.ShapeDtypeStruct(images.shape[:3] + (1,), jnp.uint8)}
+  jaxpr, (new_state, metrics) = jax.make_jaxpr(steps.train_step, return_shape=True)(
+      state, batch, jax.random.PRNGKey(1))
   # Parameters, Adam's moments and the batch statistics stay float32, and so does the loss.
   floats = [leaf.dtype for leaf in jax.tree.leaves((new_state.params, new_state.opt_state,
                                                      new_state.batch_stats))
