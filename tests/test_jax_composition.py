@@ -37,9 +37,9 @@ def _plan(foregrounds, alphas, backgrounds, crop, index, seed):
       backgrounds[int(decisions.background_index)], decisions, crop)
 
 
-def _both(foregrounds, alphas, backgrounds, crop, indices, seed=5, per_example=None):
-  """(reference examples and decisions, JAX batch output) for the given example indices;
-  `per_example` forces the executor's form (default: the platform's)."""
+def _references(foregrounds, alphas, backgrounds, crop, indices, seed=5):
+  """(the tf.data reference's examples and decisions, `jax_composition.plan`s) of the given
+  example indices."""
   load_fg = _switch([(f, a[..., None]) for f, a in zip(foregrounds, alphas)])
   load_bg_tuple = _switch([(b,) for b in backgrounds])
   references, plans = [], []
@@ -52,15 +52,20 @@ def _both(foregrounds, alphas, backgrounds, crop, indices, seed=5, per_example=N
     references.append(({k: v.numpy() for k, v in example._asdict().items()},
                        {k: v.numpy() for k, v in taken.items()}))
     plans.append(example_plan)
+  return references, plans
+
+
+def _executor_output(plans, crop, per_example=None):
+  """The JAX executor's batch of `plans`; `per_example` forces its form (default: the
+  platform's)."""
   batch = jax_composition.collate(plans)
   if per_example is None:
     output = jax_composition.compose_batch(batch, crop)
   else:
     output = jax_composition._compose(jax.device_put(batch), crop_size=crop,
                                       per_example=per_example)
-  return references, {k: (np.asarray(v) if k != "decisions" else
-                          {d: np.asarray(x) for d, x in v.items()})
-                      for k, v in output.items()}
+  return {k: (np.asarray(v) if k != "decisions" else {d: np.asarray(x) for d, x in v.items()})
+          for k, v in output.items()}
 
 
 def _check(references, output, per_example=None):
@@ -117,18 +122,25 @@ def test_the_merge_is_the_references_division_bit_for_bit():
                                   err_msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("per_example", [True, False], ids=["per_example", "batch_wide"])
-def test_equals_the_tf_reference_on_synthetic_images(per_example):
-  """Both forms of the executor: per example (the CPU's) and batch-wide (accelerators')."""
+@pytest.fixture(scope="module")
+def synthetic_references():
+  """The reference's examples of the synthetic case (computed once for both forms of the
+  executor): crop 64, and crop 160, which exceeds every foreground (the enlargement
+  path); all-opaque and all-transparent alphas give crops without an unknown pixel."""
   foregrounds, alphas, backgrounds = synthetic.synthetic_dataset(4, 3, 90, 150, seed=1)
-  # All-opaque and all-transparent alphas: crops without an unknown pixel.
   foregrounds.append(foregrounds[0])
   alphas.append(np.full_like(alphas[0], 255))
-  seen = _check(*_both(foregrounds, alphas, backgrounds, crop=64, indices=range(16),
-                       per_example=per_example), per_example=per_example)
-  # Crop 160 exceeds every foreground: the enlargement path.
-  seen |= _check(*_both(foregrounds, alphas, backgrounds, crop=160, indices=range(6),
-                        per_example=per_example), per_example=per_example)
+  return {crop: _references(foregrounds, alphas, backgrounds, crop=crop, indices=range(count))
+          for crop, count in ((64, 16), (160, 6))}
+
+
+@pytest.mark.parametrize("per_example", [True, False], ids=["per_example", "batch_wide"])
+def test_equals_the_tf_reference_on_synthetic_images(per_example, synthetic_references):
+  """Both forms of the executor: per example (the CPU's) and batch-wide (accelerators')."""
+  seen = set()
+  for crop, (references, plans) in synthetic_references.items():
+    seen |= _check(references, _executor_output(plans, crop, per_example),
+                   per_example=per_example)
   assert {"merge", "resize", "hflip", "centred", "has_unknown", "jitter",
           "windowed_background", "whole_background"} <= seen
 
@@ -141,7 +153,9 @@ def test_equals_the_tf_reference_on_the_shipped_photos():
   foregrounds = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
   alphas = [np.asarray(Image.open(str(p).replace("image_", "alpha_")).convert("L"))
             for p in paths]
-  seen = _check(*_both(foregrounds, alphas, foregrounds, crop=320, indices=range(8)))
+  references, plans = _references(foregrounds, alphas, foregrounds, crop=320,
+                                   indices=range(8))
+  seen = _check(references, _executor_output(plans, 320))
   assert {"merge", "centred"} <= seen
 
 
