@@ -218,8 +218,9 @@ class _PeerWatch:
   (atexit). A connection that ends without it is a lost process: process 0 tells the
   others ("lost K"), waits briefly for them to report it, then reports it itself; the
   others report what process 0 tells them, or process 0 itself when its connection ends
-  (JAX, losing its coordinator, aborts them too then: in our runs the line came first).
-  Reporting is one `error:` line on stderr and os._exit(1): JAX's own ending comes
+  (JAX, losing its coordinator, aborts them too then, logging its own fatal lines).
+  Reporting is one `error:` line on stderr, which then closes, and os._exit(1): JAX's own
+  ending comes
   `heartbeat_timeout` seconds later, or at exit, as an abort that names no process."""
 
   _connections: dict[int, tuple[socket.socket, Any]] = {}  # peer: (socket, its lines)
@@ -293,10 +294,16 @@ class _PeerWatch:
             pass
       time.sleep(1.0)  # the others name it before the coordinator (this process) goes
     role = " (the coordinator)" if lost == 0 else ""
-    print(f"error: process {index} of {count}: process {lost}{role} stopped responding (it "
-          f"was killed, crashed or lost its connection; its own output may say why), so "
-          f"every process stops; rerun all {count} processes with the same command to "
-          f"resume from the last checkpoint", file=sys.stderr, flush=True)
+    line = (f"error: process {index} of {count}: process {lost}{role} stopped responding (it "
+            f"was killed, crashed or lost its connection; its own output may say why), so "
+            f"every process stops; rerun all {count} processes with the same command to "
+            f"resume from the last checkpoint\n")
+    sys.stderr.flush()
+    os.write(2, line.encode())
+    # JAX's runtime, losing its coordinator, logs fatal lines of its own from another
+    # thread, then aborts: they went after this line in one run of three processes, so
+    # stderr closes here, leaving this line the last.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     os._exit(1)
 
 
