@@ -216,7 +216,8 @@ def test_every_operator_accepts_its_defaults():
                                        "options?"),
     (["--config.batch_size=abc"], "--config.batch_size=abc"),
     (["--config", "configs/missing.py"], "--config: [Errno 2] No such file"),
-    # A value the config checks refuse (the others: test_config_values_are_refused_...).
+    # A value the config checks refuse; the others are in
+    # test_config_values_are_refused_before_training.
     (["--config.data.pipeline=numpy"], "config.data.pipeline='numpy' was removed: use 'jax' "
                                        "(same synthetic source, no TensorFlow)"),
 ])
