@@ -220,8 +220,8 @@ class _PeerWatch:
   others report what process 0 tells them, or process 0 itself when its connection ends
   (JAX, losing its coordinator, aborts them too then, logging its own fatal lines).
   Reporting is one `error:` line on stderr, which then closes, and os._exit(1): JAX's own
-  ending comes
-  `heartbeat_timeout` seconds later, or at exit, as an abort that names no process."""
+  ending comes `heartbeat_timeout` seconds later, or at exit, as an abort that names no
+  process."""
 
   _connections: dict[int, tuple[socket.socket, Any]] = {}  # peer: (socket, its lines)
   _leaving = False

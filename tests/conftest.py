@@ -13,8 +13,8 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 # XLA:CPU's older loop emitters compile the suite's programs faster than its MLIR fusion
-# emitters: make test took 252 s instead of 311 s on 2 cores, and every test passes either
-# way (XLA_FLAGS=--xla_cpu_use_fusion_emitters=true runs them with the default). XLA
+# emitters: make test took 252 s instead of 311 s on 2 cores, and every default test passes
+# either way (XLA_FLAGS=--xla_cpu_use_fusion_emitters=true runs them with the default). XLA
 # aborts on a flag it does not know, so it is set only for the jaxlib it was checked with.
 if (importlib.metadata.version("jaxlib").startswith("0.10.")
     and "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]):
